@@ -1,0 +1,278 @@
+"""LLMEngine: schedule -> execute -> sample -> append -> stop checks -> detokenize -> outputs, one step at a time."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from npu_infer.config import EngineConfig
+from npu_infer.engine.block_manager import BlockManager
+from npu_infer.engine.detokenizer import IncrementalDetokenizer, find_stop
+from npu_infer.engine.request import Request, Status
+from npu_infer.engine.scheduler import Scheduler
+from npu_infer.loaders.hf_files import load_hf_config, load_tokenizer
+from npu_infer.loaders.model_path import resolve_model_path
+from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
+from npu_infer.platform import get_platform, set_current_platform
+from npu_infer.sampling import SamplingParams
+from npu_infer.worker.executor import make_executor
+from npu_infer.worker.step_io import SeqChunk, StepInput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Counters the metrics endpoint and the tests read."""
+    num_steps: int = 0
+    batch_sizes: Counter = field(default_factory=Counter)  # sequences per step -> steps
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished_requests: int = 0
+
+    @property
+    def max_batch_size(self) -> int:
+        return max(self.batch_sizes, default=0)
+
+
+@dataclass
+class ParentRequest:
+    """One user request; its n completions run as n engine requests sharing the prompt."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[Request]
+    prompt_logprobs: list | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.platform = get_platform(config.device)
+        set_current_platform(self.platform)
+        config.model_path = resolve_model_path(config.model)
+        hf_config = load_hf_config(config)
+        config.resolve(hf_config, self.platform.default_dtype(), self.platform.supported_dtypes(),
+                       self.platform.device_type)
+        self.tokenizer = load_tokenizer(config)
+        self.eos_token_ids = self._eos_ids(hf_config)
+        start = time.monotonic()
+        self.executor = make_executor(config, self.platform)
+        num_blocks = self.executor.num_blocks
+        capacity = num_blocks * config.block_size
+        if capacity < config.max_model_len:
+            raise ValueError(f"the KV cache holds {capacity} tokens ({num_blocks} blocks) but one sequence may need "
+                             f"max_model_len={config.max_model_len}; lower --max-model-len or give the cache more "
+                             "memory (--gpu-memory-utilization / --kv-cache-memory)")
+        self.executor.init_kv_cache(num_blocks)
+        self.memory = self.executor.memory
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens; max concurrency at max_model_len %d: %.1fx "
+                    "(engine ready in %.1f s)", num_blocks, config.block_size, capacity, config.max_model_len,
+                    capacity / config.max_model_len, time.monotonic() - start)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.parents: dict[str, ParentRequest] = {}
+        self.requests: dict[str, Request] = {}
+        self.parent_of: dict[str, str] = {}  # child request id -> user request id
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.finished_since_step: list[str] = []
+        self.stats = EngineStats()
+        self.vocab_size = hf_config.vocab_size
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def _eos_ids(self, hf_config) -> set[int]:
+        ids: set[int] = set()
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        if not ids:  # no tokenizer: the model's own config
+            eos = getattr(hf_config, "eos_token_id", None)
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        gen_config = Path(self.config.model_path) / "generation_config.json"
+        if gen_config.is_file():
+            import json
+            eos = json.loads(gen_config.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
+
+    def tokenize_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids when skip_tokenizer_init is set")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse what cannot run, before anything is allocated."""
+        max_len = self.config.max_model_len
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if len(prompt_ids) >= max_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens but max_model_len is {max_len}; "
+                             "shorten the prompt or raise --max-model-len")
+        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > max_len:
+            raise ValueError(f"this model's maximum context length is {max_len} tokens, but {len(prompt_ids)} "
+                             f"prompt tokens + max_tokens {params.max_tokens} = "
+                             f"{len(prompt_ids) + params.max_tokens}; lower max_tokens or shorten the prompt")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids with skip_tokenizer_init")
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams) -> None:
+        if request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, prompt_ids = self.tokenize_prompt(prompt)
+        self.validate(prompt_ids, params)
+        children = [Request(request_id if params.n == 1 else f"{request_id}#{i}", prompt_ids, params, text, index=i)
+                    for i in range(params.n)]
+        parent = ParentRequest(request_id, text, prompt_ids, params, children)
+        if params.prompt_logprobs is not None:
+            parent.prompt_logprobs = [None]
+        self.parents[request_id] = parent
+        for child in children:
+            self.requests[child.request_id] = child
+            self.parent_of[child.request_id] = request_id
+            if self.tokenizer is not None and params.detokenize:
+                self.detokenizers[child.request_id] = IncrementalDetokenizer(
+                    self.tokenizer, prompt_ids, params.skip_special_tokens)
+            self.scheduler.add(child)
+        self.stats.prompt_tokens += len(prompt_ids)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request wherever it is; its blocks go back to the pool now."""
+        parent = self.parents.pop(request_id, None)
+        if parent is None:
+            return
+        for child in parent.children:
+            self._finish(child, "abort")
+            self.requests.pop(child.request_id, None)
+            self.detokenizers.pop(child.request_id, None)
+            self.parent_of.pop(child.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.parents)
+
+    # ---- the step -------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        step_input = StepInput([self._chunk(r, n) for r, n in sched.scheduled], self.finished_since_step)
+        self.finished_since_step = []
+        result = self.executor.execute(step_input)
+        self.stats.num_steps += 1
+        self.stats.batch_sizes[len(sched.scheduled)] += 1
+        touched: dict[str, ParentRequest] = {}
+        now = time.monotonic()
+        for request, num_new in sched.scheduled:
+            request.num_computed_tokens += num_new
+            self.block_manager.cache_full_blocks(request)
+            parent = self.parents.get(self.parent_of.get(request.request_id, ""))
+            if parent is None:
+                continue
+            if request.request_id in result.prompt_logprobs and request.index == 0:
+                parent.prompt_logprobs += self._to_logprob_dicts(result.prompt_logprobs[request.request_id],
+                                                                 parent.prompt_token_ids[request.num_computed_tokens - num_new + 1:])
+            token = result.sampled.get(request.request_id)
+            if token is None:
+                continue
+            if request.first_token_time is None:
+                request.first_token_time = now
+            self._append(request, token, result.logprobs.get(request.request_id))
+            touched[parent.request_id] = parent
+        return [self._make_output(parent) for parent in touched.values()]
+
+    def _chunk(self, request: Request, num_new: int) -> SeqChunk:
+        start = request.num_computed_tokens
+        p = request.params
+        needs_history = p.has_penalties or p.prompt_logprobs is not None
+        return SeqChunk(request.request_id, request.token_ids[start:start + num_new], start, request.block_ids,
+                        start + num_new == request.num_tokens, p, request.index,
+                        request.prompt_token_ids if needs_history else None,
+                        request.output_token_ids if p.has_penalties else None, request.num_prompt_tokens)
+
+    def _append(self, request: Request, token: int, logprob_info) -> None:
+        p = request.params
+        request.token_ids.append(token)
+        self.stats.generation_tokens += 1
+        if logprob_info is not None:
+            chosen, rank, ids, vals = logprob_info
+            request.cumulative_logprob += chosen
+            entry = {token: Logprob(chosen, rank, self._decode_one(token))}
+            for rank_i, (tid, val) in enumerate(zip(ids, vals), start=1):
+                entry.setdefault(tid, Logprob(val, rank_i, self._decode_one(tid)))
+            request.logprobs.append(entry)
+        num_out = request.num_tokens - request.num_prompt_tokens
+        new_text = ""
+        detok = self.detokenizers.get(request.request_id)
+        if detok is not None:
+            new_text = detok.step(token)
+            request.text += new_text
+        if num_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return self._finish(request, "stop")
+            if token in p.stop_token_ids:
+                request.stop_reason = token
+                return self._finish(request, "stop")
+            if p.stop_strings and new_text:
+                hit = find_stop(request.text, len(new_text), p.stop_strings)
+                if hit is not None:
+                    stop, index = hit
+                    request.text = request.text[:index + (len(stop) if p.include_stop_str_in_output else 0)]
+                    request.stop_reason = stop
+                    return self._finish(request, "stop")
+        if p.max_tokens is not None and num_out >= p.max_tokens:
+            return self._finish(request, "length")
+        if request.num_tokens >= self.config.max_model_len:
+            return self._finish(request, "length")
+
+    def _finish(self, request: Request, reason: str) -> None:
+        if request.status is Status.FINISHED:
+            return
+        self.scheduler.finish(request, reason)
+        self.finished_since_step.append(request.request_id)
+        self.stats.finished_requests += 1
+
+    def _decode_one(self, token: int) -> str | None:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else None
+
+    def _to_logprob_dicts(self, rows: list, next_ids: list[int]) -> list[dict[int, Logprob]]:
+        result = []
+        for (chosen, rank, ids, vals), token in zip(rows, next_ids):
+            entry = {token: Logprob(chosen, rank, self._decode_one(token))}
+            for rank_i, (tid, val) in enumerate(zip(ids, vals), start=1):
+                entry.setdefault(tid, Logprob(val, rank_i, self._decode_one(tid)))
+            result.append(entry)
+        return result
+
+    def _make_output(self, parent: ParentRequest) -> RequestOutput:
+        outputs = [CompletionOutput(c.index, c.text, list(c.output_token_ids),
+                                    c.cumulative_logprob if c.logprobs is not None else None,
+                                    list(c.logprobs) if c.logprobs is not None else None,
+                                    c.finish_reason, c.stop_reason) for c in parent.children]
+        finished = all(c.is_finished for c in parent.children)
+        first = [c.first_token_time for c in parent.children if c.first_token_time]
+        out = RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
+                            parent.prompt_logprobs, min(c.num_cached_tokens for c in parent.children),
+                            {"arrival_time": parent.arrival_time, "first_token_time": min(first) if first else None})
+        if finished:
+            self.parents.pop(parent.request_id, None)
+            for c in parent.children:
+                self.requests.pop(c.request_id, None)
+                self.detokenizers.pop(c.request_id, None)
+                self.parent_of.pop(c.request_id, None)
+        return out
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,60 @@
+"""A request in the engine: its tokens, its blocks, how far it has been computed, and why it finished."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from npu_infer.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    index: int = 0                      # which of the parent's n completions this is
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    token_ids: list[int] = field(default_factory=list)   # prompt + output
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0          # prompt tokens served from the prefix cache
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of this request's full blocks so far
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None    # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    text: str = ""
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,100 @@
+"""Continuous batching with a token budget: running requests first, then chunks of waiting prefills;
+when blocks run out, the newest running request is preempted and recomputed later."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from npu_infer.engine.block_manager import BlockManager
+from npu_infer.engine.request import Request, Status
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens this step)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled_ids: set[str] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.blocks.allocate(request, num_new):
+                victim = self.running.pop()  # the newest running request gives way
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append((request, num_new))
+                scheduled_ids.add(request.request_id)
+                budget -= num_new
+                i += 1
+        # A victim may have been scheduled earlier in this step: drop it from the plan.
+        out.scheduled = [(r, n) for r, n in out.scheduled if r.status is Status.RUNNING]
+        if out.preempted:
+            return out  # no room for newcomers this step
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if request.num_computed_tokens == 0 and not request.block_ids:
+                cached = self.blocks.find_cached_prefix(request)
+                request.num_computed_tokens = cached
+                request.num_cached_tokens = cached
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.blocks.allocate(request, num_new):
+                self.blocks.free(request)
+                request.num_computed_tokens = 0
+                request.num_cached_tokens = 0
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            self.running.append(request)
+            out.scheduled.append((request, num_new))
+            budget -= num_new
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.blocks.free(request)
+        request.status = Status.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Take a request out wherever it is and give its blocks back."""
+        if request.status is Status.FINISHED:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.blocks.free(request)
+        request.status = Status.FINISHED
+        request.finish_reason = reason

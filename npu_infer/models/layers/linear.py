@@ -1,0 +1,116 @@
+"""Linear layers already shaped for tensor parallelism: each knows how to slice its shard while loading."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from npu_infer.distributed.parallel_state import get_tp_group
+
+
+def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"weight shape {tuple(loaded.shape)} does not match the model's {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
+        super().__init__()
+        self.tp_dim = tp_dim
+        self.tp_rank = get_tp_group().rank_in_group
+        self.tp_size = get_tp_group().world_size
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        _default_loader(param, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        super().__init__(input_size, output_size, bias, None)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across TP ranks; no communication."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        tp_size = get_tp_group().world_size
+        if output_size % tp_size:
+            raise ValueError(f"output size {output_size} does not divide by tensor parallel size {tp_size}")
+        super().__init__(input_size, output_size // tp_size, bias, 0)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        shard = param.shape[0]
+        _default_loader(param, loaded.narrow(0, self.tp_rank * shard, shard))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate+up); shard_id says which part is loaded."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        size = self.output_sizes[shard_id] // self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        target = param.data.narrow(0, offset, size)
+        _default_loader(target, loaded.narrow(0, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Q, K and V projections in one matmul. With fewer KV heads than TP ranks, KV heads are replicated."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+        tp_size = get_tp_group().world_size
+        if num_heads % tp_size:
+            raise ValueError(f"{num_heads} attention heads do not divide by tensor parallel size {tp_size}")
+        if num_kv_heads % tp_size and tp_size % num_kv_heads:
+            raise ValueError(f"{num_kv_heads} KV heads neither divide by nor divide tensor parallel size {tp_size}")
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp_size
+        self.num_kv_heads = max(1, num_kv_heads // tp_size)
+        self.kv_replicas = max(1, tp_size // num_kv_heads)
+        output = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
+        super().__init__(hidden_size, output, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q") -> None:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, rank = 0, q_size, self.tp_rank
+        else:
+            offset = q_size + (0 if shard_id == "k" else kv_size)
+            size, rank = kv_size, self.tp_rank // self.kv_replicas
+        target = param.data.narrow(0, offset, size)
+        _default_loader(target, loaded.narrow(0, rank * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across TP ranks; partial sums are all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        tp_size = get_tp_group().world_size
+        if input_size % tp_size:
+            raise ValueError(f"input size {input_size} does not divide by tensor parallel size {tp_size}")
+        super().__init__(input_size // tp_size, output_size, bias, 1)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if param.ndim == 1:  # the bias is added once, after the reduction
+            _default_loader(param, loaded)
+            return
+        shard = param.shape[1]
+        _default_loader(param, loaded.narrow(1, self.tp_rank * shard, shard))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        return get_tp_group().all_reduce(y)

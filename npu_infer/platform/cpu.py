@@ -1,0 +1,86 @@
+"""CpuPlatform: host memory (cgroup-aware), gloo, plain-torch kernels."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from npu_infer.platform.interface import Platform
+
+_DEFAULT_KV_CAP = 4 * 1024**3  # like vLLM-CPU's VLLM_CPU_KVCACHE_SPACE default; the host also runs the OS
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _meminfo() -> dict[str, int]:
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        info[key] = int(value.split()[0]) * 1024
+    return info
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AVX-512 BF16 or AMX, where bf16 GEMM beats fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class CpuPlatform(Platform):
+    device_type = "cpu"
+    dist_backend = "gloo"
+    strict_memory_budget = False
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        return torch.device("cpu")
+
+    def mem_get_info(self) -> tuple[int, int]:
+        info = _meminfo()
+        total, free = info["MemTotal"], info.get("MemAvailable", info["MemFree"])
+        # A container's limit is the real total when it is lower than the host's memory.
+        limit = _read_int("/sys/fs/cgroup/memory.max") or _read_int("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+        if limit and limit < total:
+            used = (_read_int("/sys/fs/cgroup/memory.current")
+                    or _read_int("/sys/fs/cgroup/memory/memory.usage_in_bytes") or 0)
+            total, free = limit, min(free, max(limit - used, 0))
+        return free, total
+
+    def memory_in_use(self) -> int:
+        return _status_kib("VmRSS")
+
+    def peak_memory(self) -> int:
+        return _status_kib("VmHWM")
+
+    def reset_peak_memory(self) -> None:
+        # Writing 5 to clear_refs resets the resident-set high-water mark (Linux >= 4.0).
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+    def default_kv_cache_cap(self) -> int | None:
+        return int(os.environ.get("NPU_INFER_CPU_KV_CACHE_CAP", _DEFAULT_KV_CAP))

@@ -1,0 +1,40 @@
+"""CudaPlatform: torch.cuda memory queries, nccl, SDPA attention over the paged cache."""
+from __future__ import annotations
+
+import torch
+
+from npu_infer.platform.interface import Platform
+
+
+class CudaPlatform(Platform):
+    device_type = "cuda"
+    dist_backend = "nccl"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.cuda.is_available()
+
+    def check_usable(self) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda needs a CUDA GPU and a CUDA build of torch; none was found")
+
+    def set_device(self, device: torch.device) -> None:
+        torch.cuda.set_device(device)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def mem_get_info(self) -> tuple[int, int]:
+        return torch.cuda.mem_get_info()
+
+    def memory_in_use(self) -> int:
+        return torch.cuda.memory_allocated()
+
+    def peak_memory(self) -> int:
+        return torch.cuda.max_memory_allocated()
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats()

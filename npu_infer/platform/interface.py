@@ -1,0 +1,68 @@
+"""Platform: the one place that answers every device question (memory, devices, backends, kernels)."""
+from __future__ import annotations
+
+import torch
+
+
+class Platform:
+    """Base class; CpuPlatform, CudaPlatform and NpuPlatform fill in what differs."""
+
+    device_type: str = ""
+    dist_backend: str = ""
+    # When False the KV budget is clipped to free memory instead of refused (host memory is shared by design).
+    strict_memory_budget: bool = True
+
+    @classmethod
+    def is_available(cls) -> bool:
+        raise NotImplementedError
+
+    def check_usable(self) -> None:
+        """Raise one clear sentence when the device cannot be used (missing runtime, no device)."""
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        return torch.device(f"{self.device_type}:{local_rank}")
+
+    def set_device(self, device: torch.device) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        pass
+
+    def mem_get_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the memory the model and KV cache live in."""
+        raise NotImplementedError
+
+    def memory_in_use(self) -> int:
+        """Bytes this process holds now (the counterpart of peak_memory)."""
+        raise NotImplementedError
+
+    def peak_memory(self) -> int:
+        """Highest memory_in_use() since the last reset_peak_memory()."""
+        raise NotImplementedError
+
+    def reset_peak_memory(self) -> None:
+        raise NotImplementedError
+
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16, torch.float16)
+
+    def default_kv_cache_cap(self) -> int | None:
+        """Upper bound on KV bytes when the user set no --kv-cache-memory (None: the formula alone)."""
+        return None
+
+    def attention_backend(self):
+        from npu_infer.platform.torch_attention import TorchAttentionBackend
+        return TorchAttentionBackend()
+
+    def fused_ops(self):
+        from npu_infer.platform.torch_ops import TorchOps
+        return TorchOps()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

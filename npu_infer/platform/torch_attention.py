@@ -1,0 +1,79 @@
+"""Paged attention in plain torch (CPU and CUDA): one indexed write, one gather, one SDPA call per phase."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from npu_infer.worker.context import AttentionMetadata
+
+
+class TorchAttentionBackend:
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def check_block_size(self, block_size: int) -> None:
+        pass
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float, num_heads: int, num_kv_heads: int,
+                head_dim: int) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, num_heads, head_dim)
+        k = k.view(num_tokens, num_kv_heads, head_dim)
+        v = v.view(num_tokens, num_kv_heads, head_dim)
+        has_cache = kv_cache.numel() > 0
+        if has_cache:
+            key_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)
+            value_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)
+            key_cache.index_copy_(0, meta.slot_mapping, k)
+            value_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes if has_cache else 0  # profile_run has no cache: everything is a fresh prefill
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv_cache, meta, scale, num_kv_heads)
+        start = nd
+        for i in range(nd, len(meta.query_lens_cpu)):
+            q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
+            end = start + q_len
+            if seq_len == q_len or not has_cache:  # fresh prefill: attend over this step's own k/v
+                ks, vs = k[start:end], v[start:end]
+            else:  # chunked prefill or prefix-cache hit: the context comes from the cache
+                num_blocks = -(-seq_len // meta.block_size)
+                blocks = meta.block_tables[i, :num_blocks].long()
+                ks = kv_cache[0][blocks].flatten(0, 1)[:seq_len]
+                vs = kv_cache[1][blocks].flatten(0, 1)[:seq_len]
+            out[start:end] = self._prefill(q[start:end], ks, vs, seq_len - q_len, scale, num_kv_heads)
+            start = end
+        return out.view(num_tokens, num_heads * head_dim)
+
+    @staticmethod
+    def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_before: int, scale: float,
+                 num_kv_heads: int) -> torch.Tensor:
+        """q [Q, H, D] at positions context_before.., k/v [context_before + Q, KVH, D]."""
+        q_len, num_heads, _ = q.shape
+        q_t, k_t, v_t = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        gqa = num_heads != num_kv_heads
+        if context_before == 0:
+            o = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            q_pos = torch.arange(context_before, context_before + q_len, device=q.device)
+            mask = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return o.transpose(0, 1)
+
+    @staticmethod
+    def _decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                num_kv_heads: int) -> torch.Tensor:
+        """All decode sequences at once: gather each one's blocks, mask past its length, one SDPA call.
+
+        GQA without repeating K/V: the query heads of one KV head become that head's query rows."""
+        nd, num_heads, head_dim = q.shape
+        max_blocks = -(-max(meta.seq_lens_cpu[:nd]) // meta.block_size)
+        blocks = meta.block_tables[:nd, :max_blocks].long()
+        keys = kv_cache[0][blocks].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)  # [nd, KVH, L, D]
+        values = kv_cache[1][blocks].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+        mask = torch.arange(keys.shape[2], device=q.device)[None, :] < meta.seq_lens[:nd, None]
+        group = num_heads // num_kv_heads
+        q_groups = q.view(nd, num_kv_heads, group, head_dim)
+        o = F.scaled_dot_product_attention(q_groups, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
+        return o.reshape(nd, num_heads, head_dim)

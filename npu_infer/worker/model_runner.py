@@ -1,0 +1,107 @@
+"""ModelRunner: turns one step's chunks into flat tensors (no padding), runs the model, samples."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from npu_infer.distributed.parallel_state import get_pp_group
+from npu_infer.sampling import SamplerRow, prompt_logprobs, sample
+from npu_infer.worker.context import AttentionMetadata, set_context
+from npu_infer.worker.step_io import SeqChunk, StepInput, StepOutput
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, device: torch.device, block_size: int, hidden_size: int,
+                 dtype: torch.dtype):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.generators: dict[str, torch.Generator] = {}
+
+    def prepare(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten all sequences of the step into one token dimension; decodes first."""
+        bs = self.block_size
+        query_lens = [len(c.token_ids) for c in chunks]
+        seq_lens = [c.start_pos + n for c, n in zip(chunks, query_lens)]
+        num_decodes = 0
+        while num_decodes < len(chunks) and query_lens[num_decodes] == 1:
+            num_decodes += 1
+        input_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64)
+        positions = np.concatenate([np.arange(c.start_pos, s) for c, s in zip(chunks, seq_lens)])
+        max_blocks = max(len(c.block_ids) for c in chunks)
+        block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
+        for i, c in enumerate(chunks):
+            block_tables[i, :len(c.block_ids)] = c.block_ids
+        row_of_token = np.repeat(np.arange(len(chunks)), query_lens)
+        slot_mapping = block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        to = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        meta = AttentionMetadata(
+            slot_mapping=to(slot_mapping), query_start_loc=to(query_start_loc),
+            seq_lens=to(np.asarray(seq_lens, dtype=np.int32)), block_tables=to(block_tables),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, num_decodes=num_decodes,
+            num_decode_tokens=num_decodes, max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=bs)
+        return to(input_ids), to(positions), meta
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput | None:
+        for request_id in step.finished_ids:
+            self.generators.pop(request_id, None)
+        # Decodes first (the attention backends split the batch there); keep the engine's order otherwise.
+        chunks = sorted(step.chunks, key=lambda c: len(c.token_ids) != 1)
+        input_ids, positions, meta = self.prepare(chunks)
+        pp = get_pp_group()
+        hidden = residual = None
+        if not pp.is_first_rank:
+            shape = (input_ids.shape[0], self.hidden_size)
+            hidden = pp.recv(shape, self.dtype, pp.prev_rank, self.device)
+            residual = pp.recv(shape, self.dtype, pp.prev_rank, self.device)
+        set_context(meta)
+        try:
+            hidden, residual = self.model(input_ids, positions, hidden, residual)
+        finally:
+            set_context(None)
+        if not pp.is_last_rank:
+            pp.send(hidden, pp.next_rank)
+            pp.send(residual, pp.next_rank)
+            return None
+        return self._sample(chunks, hidden, meta)
+
+    def _sample(self, chunks: list[SeqChunk], hidden: torch.Tensor, meta: AttentionMetadata) -> StepOutput:
+        out = StepOutput()
+        ends = meta.query_start_loc[1:].long() - 1
+        rows = [i for i, c in enumerate(chunks) if c.sample]
+        if rows:
+            logits = self.model.compute_logits(hidden[ends[rows]])
+            sampler_rows = [SamplerRow(chunks[i].params, self._generator(chunks[i]), chunks[i].prompt_ids or [],
+                                       chunks[i].output_ids or []) for i in rows]
+            result = sample(logits, sampler_rows)
+            for j, i in enumerate(rows):
+                out.sampled[chunks[i].request_id] = result.token_ids[j]
+                if result.logprobs[j] is not None:
+                    out.logprobs[chunks[i].request_id] = result.logprobs[j]
+        start = 0
+        for c, q_len in zip(chunks, meta.query_lens_cpu):
+            k = c.params.prompt_logprobs
+            # Positions whose next token is still a prompt token get a prompt logprob.
+            last = min(c.start_pos + q_len, c.num_prompt_tokens - 1)
+            if k is not None and last > c.start_pos:
+                n = last - c.start_pos
+                logits = self.model.compute_logits(hidden[start:start + n])
+                next_ids = c.prompt_ids[c.start_pos + 1:last + 1]
+                out.prompt_logprobs[c.request_id] = prompt_logprobs(logits, next_ids, k)
+            start += q_len
+        return out
+
+    def _generator(self, chunk: SeqChunk) -> torch.Generator | None:
+        if chunk.params.seed is None:
+            return None
+        gen = self.generators.get(chunk.request_id)
+        if gen is None:
+            gen = torch.Generator().manual_seed(chunk.params.seed + chunk.seed_index)
+            self.generators[chunk.request_id] = gen
+        return gen

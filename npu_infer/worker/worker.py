@@ -1,0 +1,154 @@
+"""Worker: one device's share of the model — device and distributed init, load, profile_run, KV cache."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from npu_infer.config import EngineConfig
+from npu_infer.distributed.parallel_state import get_pp_group, get_tp_group, init_model_parallel
+from npu_infer.loaders import load_weights
+from npu_infer.models.registry import get_model_class
+from npu_infer.platform import Platform, set_current_platform
+from npu_infer.sampling import SamplingParams
+from npu_infer.worker.model_runner import ModelRunner
+from npu_infer.worker.step_io import SeqChunk, StepInput, StepOutput
+
+logger = logging.getLogger(__name__)
+GiB = 1024**3
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, platform: Platform, rank: int = 0, local_rank: int = 0,
+                 init_method: str | None = None):
+        self.config = config
+        self.platform = platform
+        self.rank = rank
+        self.local_rank = local_rank
+        self.init_method = init_method
+        self.device = platform.device(local_rank)
+        self.model = None
+        self.runner: ModelRunner | None = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.memory: dict[str, int] = {}
+
+    def init_device(self) -> None:
+        set_current_platform(self.platform)
+        self.platform.set_device(self.device)
+        if self.config.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(self.platform.dist_backend, init_method=self.init_method,
+                                    world_size=self.config.world_size, rank=self.rank)
+        init_model_parallel(self.config.tensor_parallel_size, self.config.pipeline_parallel_size, self.rank)
+        torch.manual_seed(self.config.seed)
+        # The seed's total_npu_memory / init_npu_memory: read before anything of ours is on the device.
+        self.memory["init_free"], self.memory["total"] = self.platform.mem_get_info()
+
+    def load_model(self) -> None:
+        hf = self.config.hf_config
+        model_cls = get_model_class(hf)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.config.torch_dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_cls(hf)
+        finally:
+            torch.set_default_dtype(previous)
+        load_weights(self.model, self.config, self.rank)
+        self.model.eval()
+        self.memory["weights"] = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.runner = ModelRunner(self.model, self.device, self.config.block_size, hf.hidden_size,
+                                  self.config.torch_dtype)
+
+    def _attention_layers(self) -> list:
+        from npu_infer.models.layers.attention import Attention
+        return [m for m in self.model.modules() if isinstance(m, Attention)]
+
+    def profile_run(self) -> None:
+        """Run the largest step the scheduler can produce, sampling included, with no KV cache."""
+        cfg = self.config
+        num_tokens, num_seqs = cfg.max_num_batched_tokens, min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        # No dummy sequence may be longer than a real one can be.
+        lengths = [min(num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0), cfg.max_model_len)
+                   for i in range(num_seqs)]
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
+        chunks = [SeqChunk(f"profile-{i}", [0] * n, 0, [0] * -(-n // cfg.block_size), True, params)
+                  for i, n in enumerate(lengths)]
+        self.runner.execute(StepInput(chunks))
+        self.platform.synchronize()
+
+    def determine_num_blocks(self) -> int:
+        """KV blocks this rank can hold: total * utilization - peak, or exactly --kv-cache-memory."""
+        cfg, mem, platform = self.config, self.memory, self.platform
+        platform.empty_cache()
+        platform.reset_peak_memory()
+        in_use_before = platform.memory_in_use()
+        self.profile_run()
+        peak_in_use, in_use_now = platform.peak_memory(), platform.memory_in_use()
+        free_now, _ = platform.mem_get_info()
+        lowest_free = free_now - max(peak_in_use - in_use_now, 0)
+        mem["peak"] = max(mem["init_free"] - lowest_free, mem["weights"])
+        mem["activation_peak"] = max(peak_in_use - in_use_before, 0)
+        platform.empty_cache()
+        budget = int(mem["total"] * cfg.gpu_memory_utilization)
+        if cfg.kv_cache_memory is not None:
+            kv_bytes = cfg.kv_cache_memory
+        else:
+            if budget > mem["init_free"]:
+                if platform.strict_memory_budget:
+                    raise ValueError(
+                        f"--gpu-memory-utilization {cfg.gpu_memory_utilization} asks for {_gib(budget)} but only "
+                        f"{_gib(mem['init_free'])} of {_gib(mem['total'])} was free at start (others use the "
+                        f"device); lower it to {mem['init_free'] / mem['total']:.2f} or free the device")
+                budget = mem["init_free"]
+            kv_bytes = budget - mem["peak"]
+            cap = platform.default_kv_cache_cap()
+            if cap is not None:
+                kv_bytes = min(kv_bytes, cap)
+        mem["budget"], mem["kv_bytes"] = budget, kv_bytes
+        block_bytes = self.block_bytes()
+        num_blocks = max(kv_bytes // block_bytes, 0)
+        if cfg.num_gpu_blocks_override is not None:
+            num_blocks = cfg.num_gpu_blocks_override
+        mem["num_blocks"] = num_blocks
+        logger.info("rank %d KV budget: total %s, free at start %s, budget %s (x%.2f), weights %s, "
+                    "activation peak %s, peak %s -> KV cache %s = %d blocks of %d tokens",
+                    self.rank, _gib(mem["total"]), _gib(mem["init_free"]), _gib(budget), cfg.gpu_memory_utilization,
+                    _gib(mem["weights"]), _gib(mem["activation_peak"]), _gib(mem["peak"]), _gib(kv_bytes),
+                    num_blocks, cfg.block_size)
+        return num_blocks
+
+    def block_bytes(self) -> int:
+        """Bytes of one KV block on this rank: K and V, every local layer."""
+        layers = self._attention_layers()
+        attn = layers[0]
+        per_layer = 2 * self.config.block_size * attn.num_kv_heads * attn.head_dim
+        return per_layer * len(layers) * torch.tensor([], dtype=self.config.torch_dtype).element_size()
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.platform.empty_cache()
+        layers = self._attention_layers()
+        backend = layers[0].backend
+        backend.check_block_size(self.config.block_size)
+        self.kv_caches = []
+        for attn in layers:
+            shape = backend.kv_cache_shape(num_blocks, self.config.block_size, attn.num_kv_heads, attn.head_dim)
+            attn.kv_cache = torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device)
+            self.kv_caches.append(attn.kv_cache)
+
+    def execute_model(self, step: StepInput) -> StepOutput | None:
+        return self.runner.execute(step)
+
+    @property
+    def is_driver_of_sampling(self) -> bool:
+        return get_pp_group().is_last_rank and get_tp_group().is_first_rank
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.pop("NPU_INFER_WORKER", None)
