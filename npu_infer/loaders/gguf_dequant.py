@@ -17,13 +17,13 @@ Public API: :func:`dequantize`, :data:`SUPPORTED_TYPES`,
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-__all__ = ["dequantize", "is_supported", "SUPPORTED_TYPES"]
+__all__ = ["SUPPORTED_TYPES", "dequantize", "is_supported"]
 
 QK_K = 256
 K_SCALE_SIZE = 12

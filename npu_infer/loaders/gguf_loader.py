@@ -19,7 +19,8 @@ import functools
 import logging
 import os
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -29,11 +30,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
+    "gguf_tensor_name_to_hf",
     "is_gguf_file",
+    "iterate_gguf_weights",
     "load_gguf_config",
     "load_gguf_tokenizer",
-    "iterate_gguf_weights",
-    "gguf_tensor_name_to_hf",
 ]
 
 GGUF_MAGIC = b"GGUF"
@@ -89,12 +90,12 @@ def _invalid(path: str, why: str) -> ValueError:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_reader(path: str, size: int, mtime_ns: int):  # noqa: ARG001 - cache key
+def _cached_reader(path: str, size: int, mtime_ns: int):
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(path, "r")
-    except Exception as e:  # the reader raises IndexError/ValueError/struct errors...
+    except Exception as e:  # noqa: BLE001 - the reader raises IndexError/ValueError/KeyError/...
         raise _invalid(
             path, f"cannot parse it, it is probably truncated or corrupt ({type(e).__name__}: {e})"
         ) from None
@@ -253,7 +254,7 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]):
     directory, name = os.path.split(os.path.abspath(path))
     try:
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure here means unusable tokenizer metadata
         raise ValueError(
             f"cannot build a tokenizer from the GGUF metadata of {path}: {type(e).__name__}: {e}"
         ) from None

@@ -1,0 +1,33 @@
+"""Fixtures: the torch_npu stand-in installed for one test, and the recorded declarations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import install, uninstall
+
+DECLARATIONS = Path(__file__).with_name("declarations.json")
+
+
+@pytest.fixture(scope="session")
+def declarations() -> dict:
+    return json.loads(DECLARATIONS.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def npu():
+    """The stand-in torch_npu module, installed as sys.modules['torch_npu'] and torch.npu for this test."""
+    module = install()
+    try:
+        yield module
+    finally:
+        uninstall()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
