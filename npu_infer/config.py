@@ -47,6 +47,11 @@ class EngineConfig:
     trust_remote_code: bool = False
     chat_template: str | None = None
     quantization: str | None = None
+    # Multi-node rendezvous (torch.distributed): rank 0's node runs the engine, others run `npu-infer worker`.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
     # Filled in by resolve(): the HF config, the torch dtype and the resolved model path.
     hf_config: Any = field(default=None, repr=False)
     torch_dtype: torch.dtype | None = None
