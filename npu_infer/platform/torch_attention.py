@@ -68,12 +68,15 @@ class TorchAttentionBackend:
 
         GQA without repeating K/V: the query heads of one KV head become that head's query rows."""
         nd, num_heads, head_dim = q.shape
-        max_blocks = -(-max(meta.seq_lens_cpu[:nd]) // meta.block_size)
-        blocks = meta.block_tables[:nd, :max_blocks].long()
+        if "decode" not in meta.derived:  # the same for every layer of this step
+            max_blocks = -(-max(meta.seq_lens_cpu[:nd]) // meta.block_size)
+            blocks = meta.block_tables[:nd, :max_blocks].long()
+            positions = torch.arange(max_blocks * meta.block_size, device=q.device)
+            mask = (positions[None, :] < meta.seq_lens[:nd, None])[:, None, None, :]
+            meta.derived["decode"] = (blocks, mask)
+        blocks, mask = meta.derived["decode"]
         keys = kv_cache[0][blocks].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)  # [nd, KVH, L, D]
         values = kv_cache[1][blocks].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
-        mask = torch.arange(keys.shape[2], device=q.device)[None, :] < meta.seq_lens[:nd, None]
-        group = num_heads // num_kv_heads
-        q_groups = q.view(nd, num_kv_heads, group, head_dim)
-        o = F.scaled_dot_product_attention(q_groups, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
+        q_groups = q.view(nd, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(q_groups, keys, values, attn_mask=mask, scale=scale)
         return o.reshape(nd, num_heads, head_dim)

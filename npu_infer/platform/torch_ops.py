@@ -1,12 +1,29 @@
-"""Plain-torch versions of the fused ops (RMSNorm, rotary, SwiGLU), used where a platform has nothing better."""
+"""Plain-torch versions of the fused ops (RMSNorm, rotary, SwiGLU), used where a platform has nothing better.
+
+Written for few ops per layer: on a CPU, per-op dispatch is a large share of a small-batch decode step."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+# The rotary tables of the current step, shared by every layer (all layers see the same positions).
+_rope_step: dict = {"positions": None, "table": None, "dtype": None, "cos": None, "sin": None}
+
+
+def _rope_tables(positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
+    memo = _rope_step
+    if memo["positions"] is not positions or memo["table"] is not cos_sin_cache or memo["dtype"] != dtype:
+        cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, head_dim/2] each
+        memo.update(positions=positions, table=cos_sin_cache, dtype=dtype,
+                    cos=torch.cat((cos, cos), dim=-1).unsqueeze(1).to(dtype),
+                    sin=torch.cat((-sin, sin), dim=-1).unsqueeze(1).to(dtype))
+    return memo["cos"], memo["sin"]
+
 
 class TorchOps:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
         # Normalise in fp32, scale in the input dtype, as transformers' LlamaRMSNorm does.
         return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
@@ -17,16 +34,20 @@ class TorchOps:
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
                head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, head_dim/2] each
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-
-        def rotate(x: torch.Tensor) -> torch.Tensor:
-            x = x.view(x.shape[0], -1, head_dim)
-            x1, x2 = x.float().chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-            return out.to(q.dtype).flatten(1)
-
-        return rotate(q), rotate(k)
+        """Neox-style rotation: x*cos + rotate_half(x)*sin, with rotate_half(x)*sin = roll(x)*[-sin, sin]."""
+        cos, sin = _rope_tables(positions, cos_sin_cache, q.dtype)
+        tokens = q.shape[0]
+        q_heads = q.shape[1] // head_dim
+        if k.data_ptr() == q.data_ptr() + q.shape[1] * q.element_size() and q.stride() == k.stride():
+            # q and k sit side by side in the fused QKV output: rotate both in one pass.
+            x = q.as_strided((tokens, q_heads + k.shape[1] // head_dim, head_dim), (q.stride(0), head_dim, 1))
+            out = torch.addcmul(x * cos, x.roll(head_dim // 2, dims=-1), sin)
+            return out[:, :q_heads].flatten(1), out[:, q_heads:].flatten(1)
+        rotated = []
+        for x in (q, k):
+            x = x.reshape(tokens, -1, head_dim)
+            rotated.append(torch.addcmul(x * cos, x.roll(head_dim // 2, dims=-1), sin).flatten(1))
+        return rotated[0], rotated[1]
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)

@@ -1,7 +1,7 @@
 """The per-step attention metadata, set once per step so model code stays a plain forward pass."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,7 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    derived: dict = field(default_factory=dict)  # per-step values a backend computes once for all layers
 
 
 _context: AttentionMetadata | None = None

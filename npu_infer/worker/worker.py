@@ -61,6 +61,7 @@ class Worker:
             torch.set_default_dtype(previous)
         load_weights(self.model, self.config, self.rank)
         self.model.eval()
+        self.platform.prepare_model(self.model, self.config.torch_dtype)
         self.memory["weights"] = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.runner = ModelRunner(self.model, self.device, self.config.block_size, hf.hidden_size,
                                   self.config.torch_dtype)

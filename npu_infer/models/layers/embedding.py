@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from npu_infer.distributed.parallel_state import get_tp_group
+from npu_infer.models.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -39,8 +40,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocabulary slice, gathered so every rank sees the whole vocabulary."""
 
+    packed_weight: torch.Tensor | None = None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self, None)
         if self.tp_size > 1:
             logits = get_tp_group().all_gather(logits, dim=-1)
         return logits[..., :self.vocab_size]

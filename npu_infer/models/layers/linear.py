@@ -15,6 +15,9 @@ def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 
 
 class LinearBase(nn.Module):
+    # Set by the platform after loading when it has a faster weight layout (oneDNN-packed bf16 on CPU).
+    packed_weight: torch.Tensor | None = None
+
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
         super().__init__()
         self.tp_dim = tp_dim
@@ -32,7 +35,14 @@ class LinearBase(nn.Module):
         _default_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self, self.bias)
+
+
+def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ layer.weight.T + bias, through the packed weight when the platform made one."""
+    if layer.packed_weight is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
+    return F.linear(x, layer.weight, bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -112,5 +122,5 @@ class RowParallelLinear(LinearBase):
         _default_loader(param, loaded.narrow(1, self.tp_rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = linear(x, self, self.bias if self.tp_rank == 0 else None)
         return get_tp_group().all_reduce(y)

@@ -9,6 +9,9 @@ from torch import nn
 from npu_infer.platform import current_platform
 
 
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
 def _llama3_scale(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     factor = scaling["factor"]
     low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -30,8 +33,11 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _llama3_scale(inv_freq, scaling)
         elif rope_type not in ("default", None):
             raise ValueError(f"rope scaling {rope_type!r} is not supported; supported: default, llama3")
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
-        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+        key = (head_dim, max_position, base, repr(scaling), str(torch.get_default_device()))
+        if key not in _TABLES:  # one table for all layers, so per-step lookups are shared too
+            freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
+            _TABLES[key] = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+        self.cos_sin_cache = _TABLES[key]
         self.ops = current_platform().fused_ops()
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
