@@ -52,9 +52,20 @@ class Platform:
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16, torch.float16)
 
+    def default_block_size(self) -> int:
+        """Tokens per KV block when the user gives no --block-size."""
+        return 16
+
+    def supported_block_sizes(self) -> tuple[int, ...] | None:
+        """The block sizes this platform's attention kernels accept (None: any power of two)."""
+        return None
+
     def default_kv_cache_cap(self) -> int | None:
         """Upper bound on KV bytes when the user set no --kv-cache-memory (None: the formula alone)."""
         return None
+
+    def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        """After loading: rearrange weights for this platform's kernels (nothing by default)."""
 
     def attention_backend(self):
         from npu_infer.platform.torch_attention import TorchAttentionBackend
