@@ -34,7 +34,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
-    block_size: int = 16
+    block_size: int | None = None  # None: the platform's default (16; 128 on NPU, what its kernels need)
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | str | None = None
     num_gpu_blocks_override: int | None = None
@@ -60,7 +60,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
@@ -81,9 +81,16 @@ class EngineConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def resolve(self, hf_config: Any, default_dtype: torch.dtype, supported_dtypes: tuple[torch.dtype, ...],
-                device_name: str) -> None:
-        """Fix the dtype and lengths once the model's config and the platform are known."""
+                device_name: str, default_block_size: int = 16,
+                supported_block_sizes: tuple[int, ...] | None = None) -> None:
+        """Fix the dtype, block size and lengths once the model's config and the platform are known."""
         self.hf_config = hf_config
+        if self.block_size is None:
+            self.block_size = default_block_size
+        elif supported_block_sizes is not None and self.block_size not in supported_block_sizes:
+            sizes = ", ".join(map(str, supported_block_sizes))
+            raise ValueError(f"--block-size {self.block_size} is not supported on {device_name}: its attention kernels "
+                             f"take {sizes}; leave --block-size unset or pass {supported_block_sizes[0]}")
         if self.dtype == "auto":
             self.torch_dtype = default_dtype
         else:

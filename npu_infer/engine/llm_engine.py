@@ -57,7 +57,8 @@ class LLMEngine:
         config.model_path = resolve_model_path(config.model)
         hf_config = load_hf_config(config)
         config.resolve(hf_config, self.platform.default_dtype(), self.platform.supported_dtypes(),
-                       self.platform.device_type)
+                       self.platform.device_type, default_block_size=self.platform.default_block_size(),
+                       supported_block_sizes=self.platform.supported_block_sizes())
         self.tokenizer = load_tokenizer(config)
         self.eos_token_ids = self._eos_ids(hf_config)
         start = time.monotonic()
