@@ -1,11 +1,15 @@
 """--load-format name -> how the model's weights are filled."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from npu_infer.config import EngineConfig
+from npu_infer.config import LOAD_FORMATS, EngineConfig
+
+QUANTIZATIONS = (None, "bitsandbytes", "gguf")
 
 
 def is_gguf(path: str) -> bool:
@@ -16,31 +20,93 @@ def is_gguf(path: str) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def bnb_checkpoint_config(hf_config) -> dict | None:
+    """The checkpoint's bitsandbytes quantization_config (a pre-quantized checkpoint), or None."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict()
+    if qc and qc.get("quant_method") == "bitsandbytes":
+        return qc
+    return None
+
+
 def detect_load_format(config: EngineConfig) -> str:
-    """What `auto` means for this path."""
-    if config.load_format != "auto":
-        return config.load_format
+    """What `auto` means for this path: gguf, sharded_state, tensorizer, bitsandbytes, or auto (the default
+    loader: safetensors, else .bin/.pt)."""
+    fmt = config.load_format
+    if fmt not in LOAD_FORMATS:
+        raise ValueError(f"unknown load format {fmt!r}; choose one of {', '.join(LOAD_FORMATS)}")
+    if config.quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {config.quantization!r}; choose bitsandbytes (or none)")
+    if config.quantization == "gguf" and not is_gguf(config.model_path):
+        raise ValueError(f"--quantization gguf needs a .gguf file, but {config.model_path} is not one")
+    prequantized = bnb_checkpoint_config(config.hf_config) is not None
+    # bitsandbytes quantizes whatever full checkpoint it is given (safetensors, .bin, GGUF, tensorizer, dummy).
+    if fmt != "sharded_state" and (config.quantization == "bitsandbytes" or prequantized):
+        return "bitsandbytes"
+    return source_format(config) if fmt == "auto" else fmt
+
+
+def source_format(config: EngineConfig) -> str:
+    """The container at config.model_path, judged by what the path holds (bitsandbytes aside)."""
     path = Path(config.model_path)
     if is_gguf(str(path)):
         return "gguf"
-    if path.is_dir() and list(path.glob("model-rank-*-part-*.safetensors")):
+    if path.is_dir() and any(path.glob("model-rank-*-part-*.safetensors")):
         return "sharded_state"
-    if path.is_file() and path.suffix == ".tensors":
+    if path.is_dir() and any(path.glob("*.tensors")) and not any(path.glob("*.safetensors")):
         return "tensorizer"
     return "auto"
 
 
+def iterate_source_weights(config: EngineConfig, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) pairs from a checkpoint in an HF-named format: auto/safetensors/pt, gguf, tensorizer."""
+    if fmt in ("auto", "safetensors", "pt"):
+        from npu_infer.loaders.default_loader import iterate_weights, weight_files
+        return iterate_weights(weight_files(config.model_path, fmt))
+    if fmt == "gguf":
+        if not is_gguf(config.model_path):
+            raise ValueError(f"--load-format gguf needs a .gguf file, but {config.model_path} is not one")
+        from npu_infer.loaders.gguf_loader import iterate_gguf_weights
+        return iterate_gguf_weights(config.model_path)
+    if fmt == "tensorizer":
+        from npu_infer.loaders.tensorizer_loader import iterate_tensorizer_weights
+        return iterate_tensorizer_weights(config.model_path)
+    raise ValueError(f"load format {fmt!r} does not hold HF-named full tensors")
+
+
 def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
-    """Fill `model` (already built on its device, already TP/PP-sharded) from config.model_path."""
+    """Fill `model` (already built on its device, already TP/PP-sharded) from config.model_path.
+
+    `rank` is the worker's global rank (sharded_state reads that rank's file)."""
     fmt = detect_load_format(config)
     if fmt == "dummy":
         from npu_infer.loaders.dummy_loader import fill_dummy_weights
         fill_dummy_weights(model, config.seed)
-    elif fmt in ("auto", "safetensors", "pt"):
-        from npu_infer.loaders.default_loader import iterate_weights, weight_files
-        model.load_weights(iterate_weights(weight_files(config.model_path, fmt)))
-    elif fmt == "gguf":
-        from npu_infer.loaders.gguf_loader import iterate_gguf_weights
-        model.load_weights(iterate_gguf_weights(config.model_path))
+    elif fmt == "sharded_state":
+        from npu_infer.loaders.sharded_state import load_sharded_state
+        load_sharded_state(model, config, rank)
+    elif fmt == "bitsandbytes":
+        from npu_infer.loaders.bitsandbytes_loader import load_bitsandbytes
+        load_bitsandbytes(model, config)
     else:
-        raise ValueError(f"load format {fmt!r} is not available yet")
+        feed_weights(model, iterate_source_weights(config, fmt))
+
+
+def feed_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """model.load_weights(weights), with a tensor that cannot be sliced into its parameter reported by name."""
+    current: list = [None]
+
+    def tracked() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            current[0] = (name, tuple(tensor.shape))
+            yield name, tensor
+
+    try:
+        model.load_weights(tracked())
+    except RuntimeError as exc:
+        if current[0] is None:
+            raise
+        name, shape = current[0]
+        raise ValueError(f"checkpoint tensor {name} of shape {shape} does not match this model "
+                         f"({str(exc).splitlines()[0]}); does config.json describe this checkpoint?") from None
