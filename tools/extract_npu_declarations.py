@@ -19,6 +19,11 @@ read as a zip archive):
   are rebuilt from ``objdump -d`` output (binutils must be installed) and
   cross-checked, name by name and in order, against the header.  Pass
   ``--no-binary-schemas`` to use the header alone (defaults then unknown).
+* ``torch_npu/npu/*.py`` -- the Python ``torch.npu`` namespace (parsed with
+  ``ast``): the signatures of the functions npu_infer calls (memory queries,
+  ``set_device``, ``set_compile_mode`` ...) and the attribute names
+  ``torch.npu.config`` acts on (``allow_internal_format``), each with the
+  runtime option it sets.
 * ``torch_npu/_op_plugin_docs.py`` -- the operator documentation (parsed with
   ``ast``, never imported); each constraint the stand-in relies on is stored
   as a verbatim sentence, found by an anchor string listed below.  The script
@@ -57,6 +62,13 @@ DEFAULT_OUT = REPO_ROOT / "tests" / "npu_standin" / "declarations.json"
 YAML_OPS = ["npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_fused_infer_attention_score"]
 # Ops declared in AtbOpsInterface.h (exposed as torch_npu.<name> = torch.ops.atb.<name>).
 ATB_OPS = ["_npu_reshape_and_cache", "_npu_paged_attention", "_npu_rotary_embedding"]
+
+# Functions of the torch.npu namespace (torch_npu/npu/*.py) that npu_infer calls.
+NAMESPACE_FUNCS = ["is_available", "device_count", "set_device", "current_device", "synchronize", "empty_cache",
+                   "mem_get_info", "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats",
+                   "set_compile_mode", "get_device_name", "get_device_properties"]
+# Objects of the namespace whose __setattr__ turns attribute names into runtime options (torch.npu.<name>.<attr>).
+NAMESPACE_SETTERS = {"config": "_npuConfig"}
 
 # Doc anchors: constraint id -> substring of exactly one sentence (or a few
 # sentences; all are kept) of the op's documentation in _op_plugin_docs.py.
@@ -411,6 +423,77 @@ def atb_schemas(so_bytes: bytes, so_path: Path, ops: list[str]) -> dict[str, str
     return out
 
 
+def _option_dicts(node: ast.AST) -> list[dict]:
+    """Literal {key: "enable" if x else "disable"}-style option dicts passed to _npu_setOption in `node`."""
+    found = []
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Dict):
+            keys = [k.value for k in sub.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+            values = [sorted({c.value for c in ast.walk(v) if isinstance(c, ast.Constant) and isinstance(c.value, str)})
+                      for v in sub.values]
+            found.append(dict(zip(keys, values)))
+    return found
+
+
+def namespace_decls(zf: zipfile.ZipFile, funcs: list[str], setters: dict[str, str]) -> dict:
+    """Signatures of torch.npu functions and the attributes its setter objects accept, read with ast."""
+    init = find_member(zf, "torch_npu/npu/__init__.py")
+    members = sorted(n for n in zf.namelist() if re.fullmatch(r"torch_npu/npu/[^/]+\.py", n))
+    trees = {m: ast.parse(zf.read(m).decode()) for m in members}
+    exported = set()
+    for node in trees[init].body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            exported = set(ast.literal_eval(node.value))
+    functions = {}
+    for name in funcs:
+        defs = [(m, node) for m, tree in trees.items() for node in tree.body
+                if isinstance(node, ast.FunctionDef) and node.name == name]
+        if len(defs) != 1:
+            raise SystemExit(f"torch.npu.{name}: expected one module-level definition, found {[m for m, _ in defs]}")
+        if name not in exported:
+            raise SystemExit(f"torch.npu.{name} is not in torch_npu/npu/__init__.py's __all__")
+        member, node = defs[0]
+        args = node.args
+        positional = args.posonlyargs + args.args
+        defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+        params = [{"name": a.arg, "kwarg_only": False, "has_default": d is not None,
+                   "default": ast.literal_eval(d) if d is not None else None} for a, d in zip(positional, defaults)]
+        params += [{"name": a.arg, "kwarg_only": True, "has_default": d is not None,
+                    "default": ast.literal_eval(d) if d is not None else None}
+                   for a, d in zip(args.kwonlyargs, args.kw_defaults)]
+        if args.vararg or args.kwarg:
+            raise SystemExit(f"torch.npu.{name} takes *args/**kwargs; extend the extractor")
+        entry = {"python_name": f"torch.npu.{name}", "source": member, "signature": f"{name}({ast.unparse(args)})",
+                 "params": params}
+        options = _option_dicts(node)
+        if options:
+            entry["runtime_options"] = options
+        functions[name] = entry
+    objects = {}
+    for attr, cls_name in setters.items():
+        assigned = [node for node in trees[init].body if isinstance(node, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == attr for t in node.targets)]
+        if len(assigned) != 1 or cls_name not in ast.unparse(assigned[0].value):
+            raise SystemExit(f"torch.npu.{attr} is not an instance of {cls_name}")
+        classes = [(m, node) for m, tree in trees.items() for node in tree.body
+                   if isinstance(node, ast.ClassDef) and node.name == cls_name]
+        if len(classes) != 1:
+            raise SystemExit(f"{cls_name}: expected one definition, found {[m for m, _ in classes]}")
+        member, cls = classes[0]
+        setattr_fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__setattr__")
+        attrs = {}
+        for branch in ast.walk(setattr_fn):
+            if isinstance(branch, ast.If) and isinstance(branch.test, ast.Compare) \
+                    and isinstance(branch.test.comparators[0], ast.Constant):
+                attrs[branch.test.comparators[0].value] = {"runtime_options": _option_dicts(ast.Module(branch.body, []))}
+        has_getattr = any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in cls.body)
+        objects[attr] = {"python_name": f"torch.npu.{attr}", "class": cls_name, "source": member,
+                         "settable_attributes": attrs, "readable": has_getattr,
+                         "note": "__setattr__ maps each name to a runtime option and stores nothing; other names "
+                                 "are ignored" + ("" if has_getattr else "; reading an attribute raises AttributeError")}
+    return {"functions": functions, "objects": objects}
+
+
 def load_docs(src: str) -> dict[str, str]:
     tree = ast.parse(src)
     docs = {}
@@ -562,6 +645,7 @@ def build(wheel: Path, use_binary: bool) -> dict:
         "sources": paths,
         "binary_evidence": evidence,
         "ops": ops,
+        "namespace": namespace_decls(zf, NAMESPACE_FUNCS, NAMESPACE_SETTERS),
     }
 
 

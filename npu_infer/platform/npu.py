@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 
 import torch
 
 from npu_infer.platform.interface import Platform
+from npu_infer.platform.npu_attention import BLOCK_SIZE
 
-INSTALL_HINT = ("install the CANN toolkit and `pip install npu_infer[npu]` (torch-npu matching your torch version, "
-                "e.g. torch 2.x.y with torch-npu 2.x.y), then source CANN's set_env.sh")
+INSTALL_HINT = ("install the CANN toolkit, source its set_env.sh, and `pip install npu_infer[npu]` with the torch-npu "
+                "release made for your torch (torch-npu X.Y.Z needs torch==X.Y.Z; this torch is {torch})")
 
 
 def import_torch_npu():
@@ -17,12 +19,21 @@ def import_torch_npu():
     try:
         return importlib.import_module("torch_npu")
     except Exception as exc:  # ImportError, or CANN's shared libraries missing (OSError/RuntimeError)
-        raise RuntimeError(f"--device npu needs torch_npu and CANN ({exc}); {INSTALL_HINT}") from None
+        hint = INSTALL_HINT.format(torch=torch.__version__.split("+")[0])
+        raise RuntimeError(f"--device npu needs torch_npu and CANN ({type(exc).__name__}: {exc}); {hint}") from None
+
+
+def _visible_devices_note() -> str:
+    visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    return f" (ASCEND_RT_VISIBLE_DEVICES={visible})" if visible is not None else ""
 
 
 class NpuPlatform(Platform):
     device_type = "npu"
     dist_backend = "hccl"
+
+    def __init__(self):
+        self._runtime_configured = False
 
     @classmethod
     def is_available(cls) -> bool:
@@ -37,20 +48,37 @@ class NpuPlatform(Platform):
     def check_usable(self) -> None:
         import_torch_npu()
         if not torch.npu.is_available():
-            visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
-            raise RuntimeError("--device npu found torch_npu but no NPU"
-                               + (f" (ASCEND_RT_VISIBLE_DEVICES={visible})" if visible else "")
-                               + "; check the driver with npu-smi info")
+            raise RuntimeError(f"--device npu found torch_npu but no NPU{_visible_devices_note()}; "
+                               "check the driver with npu-smi info")
 
     def device(self, local_rank: int = 0) -> torch.device:
         # ASCEND_RT_VISIBLE_DEVICES is applied by the runtime: npu:0 is the first visible card.
         torch_npu = import_torch_npu()
+        count = torch.npu.device_count()
+        if local_rank >= count:
+            raise RuntimeError(f"this rank needs npu:{local_rank} but {count} NPU(s) are visible"
+                               f"{_visible_devices_note()}; lower -tp/-pp or make more cards visible")
         standin_device = getattr(torch_npu, "standin_device", None)  # tests' stand-in runs on CPU tensors
         return standin_device(local_rank) if standin_device else torch.device(f"npu:{local_rank}")
 
     def set_device(self, device: torch.device) -> None:
         import_torch_npu()
         torch.npu.set_device(device)
+        self._configure_runtime()
+
+    def _configure_runtime(self) -> None:
+        """The process-wide settings vllm-ascend also applies, once, before the first kernel runs."""
+        if self._runtime_configured:
+            return
+        # Use CANN's prebuilt binary kernels instead of compiling each op online for every new input shape:
+        # an inference engine sees a new shape nearly every step (token counts vary), and online compiles
+        # would stall those steps for seconds.
+        torch.npu.set_compile_mode(jit_compile=False)
+        # Keep every tensor in the plain ND layout. With internal formats on, torch_npu may silently store
+        # tensors (weights, caches) in private formats such as FRACTAL_NZ: the paged attention kernels and
+        # our views/reshapes of the KV cache assume ND, and the format casts cost time on every step.
+        torch.npu.config.allow_internal_format = False
+        self._runtime_configured = True
 
     def synchronize(self) -> None:
         torch.npu.synchronize()
@@ -71,9 +99,18 @@ class NpuPlatform(Platform):
     def reset_peak_memory(self) -> None:
         torch.npu.reset_peak_memory_stats()
 
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
-        # The fused attention kernels take no float32 query.
+        # npu_fused_infer_attention_score takes no float32 query (float16, bfloat16, int8 only).
         return (torch.bfloat16, torch.float16)
+
+    def default_block_size(self) -> int:
+        return BLOCK_SIZE  # what the paged kernels need (npu_attention.py); vllm-ascend defaults to it too
+
+    def supported_block_sizes(self) -> tuple[int, ...]:
+        return (BLOCK_SIZE,)
 
     def attention_backend(self):
         from npu_infer.platform.npu_attention import NpuAttentionBackend

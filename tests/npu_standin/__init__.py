@@ -22,8 +22,10 @@ installed() -> bool
 set_memory(free=, total=, peak=, allocated=)   numbers torch.npu reports (bytes)
 set_device_count(n)          what torch.npu.device_count() returns (default 1)
 configure(tnd_paged=True)    doc readings that are ambiguous (see below)
-reset_state()                forget process-wide op state (rotary cache) and counters
+reset_state()                forget process-wide op state (rotary cache), counters and runtime options
 calls                        dict: how often set_device/synchronize/empty_cache/... were called
+runtime_options() -> dict    options set through torch.npu.set_compile_mode / torch.npu.config
+                             (e.g. {"jitCompile": "disable", "ALLOW_INTERNAL_FORMAT": "disable"})
 NpuOpRejected                RuntimeError subclass raised where the real op would reject a call
 torch_npu                    the stand-in module object of the current install()
                              (a fresh module each install, as a fresh process would have)
@@ -34,6 +36,14 @@ npu_rms_norm, npu_add_rms_norm, npu_swiglu, npu_fused_infer_attention_score
 (paged: TND/BSH/BSND query; non-paged: BSH/BSND; sparse_mode 0 without mask, 2, 3),
 _npu_reshape_and_cache, _npu_paged_attention, _npu_rotary_embedding.
 Any other attribute of torch_npu is absent on purpose (AttributeError).
+
+torch.npu namespace (signatures from torch_npu 2.14.0's torch_npu/npu/*.py)
+---------------------------------------------------------------------------
+is_available, device_count, set_device, current_device, synchronize,
+empty_cache, mem_get_info, memory_allocated, max_memory_allocated,
+reset_peak_memory_stats, set_compile_mode, get_device_name,
+get_device_properties (.name, .total_memory) and config
+(config.allow_internal_format = bool; write-only, as in torch_npu).
 Features of the real ops that are not emulated raise NotImplementedError
 (quantization, pse, shared prefix, rope inputs, BNSD, NZ caches, custom masks).
 
@@ -111,6 +121,11 @@ def _make_module() -> types.ModuleType:
 torch_npu = _make_module()
 
 
+def runtime_options() -> dict:
+    """The runtime options set so far (what torch_npu would pass to _npu_setOption)."""
+    return dict(_namespace.state["options"])
+
+
 def installed() -> bool:
     return sys.modules.get("torch_npu") is torch_npu
 
@@ -173,6 +188,7 @@ __all__ = [
     "install",
     "installed",
     "reset_state",
+    "runtime_options",
     "set_device_count",
     "set_memory",
     "torch_npu",

@@ -2,6 +2,14 @@
 
 Devices are CPU: there is no NPU here.  The memory numbers are whatever the
 test set with :func:`set_memory`; nothing is measured.
+
+The functions have the signatures of torch_npu 2.14.0's ``torch_npu/npu/*.py``
+(recorded in ``declarations.json["namespace"]``, checked by
+``test_declarations.py``).  ``config`` follows ``_npuConfig``: setting
+``allow_internal_format`` sets a runtime option and stores nothing, so reading
+it raises AttributeError as in torch_npu.  Stricter than the real one: setting
+any other attribute of ``config`` raises (torch_npu silently ignores it, which
+would hide a typo).  The runtime options set are kept in ``state["options"]``.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ _DEFAULTS = {
     "total": 64 * GiB,
     "peak": 0,
     "allocated": 0,
+    "device_name": "Ascend910B1 (stand-in)",
 }
 
 state: dict = {}
@@ -29,6 +38,7 @@ calls: dict[str, int] = {}
 def reset() -> None:
     state.clear()
     state.update(_DEFAULTS)
+    state["options"] = {}  # runtime options set through set_compile_mode / config (torch_npu._C._npu_setOption)
     calls.clear()
 
 
@@ -131,12 +141,53 @@ def reset_peak_memory_stats(device=None) -> None:
     state["peak"] = state["allocated"]
 
 
+def _device_index(device_name) -> int:
+    idx = _index(device_name)
+    return state["current_device"] if idx is None else idx
+
+
+def get_device_name(device_name=None) -> str:
+    _device_index(device_name)
+    return state["device_name"]
+
+
+def get_device_properties(device_name=None) -> types.SimpleNamespace:
+    """The fields of torch_npu's _NPUDeviceProperties that npu_infer reads."""
+    _device_index(device_name)
+    return types.SimpleNamespace(name=state["device_name"], total_memory=state["total"])
+
+
+def set_compile_mode(jit_compile=False) -> None:
+    _count("set_compile_mode")
+    if not isinstance(jit_compile, bool):
+        raise TypeError(f"jit_compile must be a bool, got {jit_compile!r}")
+    state["options"]["jitCompile"] = "enable" if jit_compile else "disable"
+
+
+class _NpuConfig:
+    """torch.npu.config: attribute writes become runtime options; nothing is stored or readable."""
+
+    _OPTIONS = {"allow_internal_format": "ALLOW_INTERNAL_FORMAT"}
+
+    def __setattr__(self, name, value) -> None:
+        if name not in self._OPTIONS:
+            raise AttributeError(f"stand-in torch.npu.config has no option {name!r} (torch_npu would silently "
+                                 f"ignore it); known: {sorted(self._OPTIONS)}")
+        _count(f"config.{name}")
+        state["options"][self._OPTIONS[name]] = "enable" if value else "disable"
+
+
+FUNCTIONS = (is_available, device_count, set_device, current_device, synchronize, empty_cache, mem_get_info,
+             memory_allocated, max_memory_allocated, reset_peak_memory_stats, set_compile_mode, get_device_name,
+             get_device_properties)
+
+
 def make_module() -> types.ModuleType:
     mod = types.ModuleType("torch_npu.npu", "Stand-in torch.npu namespace (CPU; configurable memory numbers).")
     mod.__spec__ = importlib.machinery.ModuleSpec("torch_npu.npu", None, origin=__file__)
-    for fn in (is_available, device_count, set_device, current_device, synchronize, empty_cache,
-               mem_get_info, max_memory_allocated, memory_allocated, reset_peak_memory_stats):
+    for fn in FUNCTIONS:
         setattr(mod, fn.__name__, fn)
+    mod.config = _NpuConfig()
     return mod
 
 

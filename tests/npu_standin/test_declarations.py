@@ -82,3 +82,50 @@ def test_npu_modules_import_torch_npu_lazily():
             "print('torch_npu' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# =========================================================================== torch.npu namespace
+
+NAMESPACE_FUNCS = ["is_available", "device_count", "set_device", "current_device", "synchronize", "empty_cache",
+                   "mem_get_info", "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats",
+                   "set_compile_mode", "get_device_name", "get_device_properties"]
+
+
+def test_namespace_declarations_cover_what_the_standin_offers(declarations):
+    from . import _namespace
+    offered = sorted(fn.__name__ for fn in _namespace.FUNCTIONS)
+    assert offered == sorted(NAMESPACE_FUNCS) == sorted(declarations["namespace"]["functions"])
+
+
+@pytest.mark.parametrize("name", NAMESPACE_FUNCS)
+def test_namespace_signature_matches_declaration(name, declarations, npu):
+    decl = declarations["namespace"]["functions"][name]
+    assert decl["source"].startswith("torch_npu/npu/")
+    params = list(inspect.signature(getattr(npu.npu, name)).parameters.values())
+    assert [p.name for p in params] == [d["name"] for d in decl["params"]], "names / order"
+    for p, d in zip(params, decl["params"]):
+        assert p.kind == (p.KEYWORD_ONLY if d["kwarg_only"] else p.POSITIONAL_OR_KEYWORD), f"{p.name}: kind"
+        assert (p.default is not p.empty) == d["has_default"], f"{p.name}: has a default"
+        if d["has_default"]:
+            assert p.default == d["default"] and type(p.default) is type(d["default"]), f"{p.name}: default"
+
+
+def test_runtime_options_match_declarations(declarations, npu):
+    """set_compile_mode and config.allow_internal_format set the options torch_npu's own code sets."""
+    from . import _namespace, runtime_options
+    ns = declarations["namespace"]
+    compile_opts = ns["functions"]["set_compile_mode"]["runtime_options"]
+    assert compile_opts == [{"jitCompile": ["disable", "enable"]}]
+    config = ns["objects"]["config"]
+    assert config["readable"] is False
+    assert sorted(config["settable_attributes"]) == sorted(_namespace._NpuConfig._OPTIONS)
+    for attr, entry in config["settable_attributes"].items():
+        (option, values), = entry["runtime_options"][0].items()
+        assert _namespace._NpuConfig._OPTIONS[attr] == option and values == ["disable", "enable"]
+    npu.npu.set_compile_mode(jit_compile=False)
+    npu.npu.config.allow_internal_format = False
+    assert runtime_options() == {"jitCompile": "disable", "ALLOW_INTERNAL_FORMAT": "disable"}
+    with pytest.raises(AttributeError):  # write-only, as torch_npu's _npuConfig
+        npu.npu.config.allow_internal_format
+    with pytest.raises(AttributeError, match="no option"):  # a typo would be silently ignored by torch_npu
+        npu.npu.config.allow_internal_formats = False

@@ -1,0 +1,81 @@
+"""KV-cache sizing through the NPU code path: the numbers torch.npu reports become the budget the seed describes.
+
+budget = total * gpu_memory_utilization;  peak = init_free - lowest free during profile_run;
+kv = budget - peak;  blocks = kv // (2 * layers * block_size * kv_heads * head_dim * dtype_bytes)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from npu_infer import LLM, SamplingParams
+
+from . import install, set_memory, uninstall
+from ._e2e import simulate_memory
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+GiB, MiB = 1 << 30, 1 << 20
+
+
+@pytest.fixture
+def standin(tiny_qwen2_dir):  # the model is made before the stand-in is installed (transformers probes torch_npu)
+    module = install()
+    try:
+        yield module
+    finally:
+        uninstall()
+
+
+def block_bytes(model_dir, block_size: int = 128, dtype_bytes: int = 2) -> int:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * block_size * cfg["num_key_value_heads"] * head_dim * dtype_bytes
+
+
+def test_kv_budget_follows_the_seed_formula_with_the_npu_numbers(tiny_qwen2_dir, standin, monkeypatch, caplog):
+    total, init_free = 8 * GiB, 6 * GiB               # another process holds 2 GiB of this card
+    weights, activation, non_torch = 3 * GiB, GiB // 2, GiB // 2 - 2 * MiB
+    set_memory(total=total, free=init_free)
+    simulate_memory(monkeypatch, weights=weights, activation=activation, non_torch=non_torch)
+    caplog.set_level(logging.INFO, logger="npu_infer.worker.worker")
+
+    llm = LLM(str(tiny_qwen2_dir), device="npu", gpu_memory_utilization=0.5, max_num_batched_tokens=256,
+              max_num_seqs=4, skip_tokenizer_init=True)
+
+    budget = int(total * 0.5)                          # 4 GiB, below the 6 GiB free at start
+    lowest_free = init_free - weights - non_torch - activation
+    peak = init_free - lowest_free                     # 4 GiB - 2 MiB
+    kv = budget - peak                                 # 2 MiB
+    expected_blocks = kv // block_bytes(tiny_qwen2_dir)
+    assert expected_blocks == 2 * MiB // (32 * 1024) == 64
+    memory = llm.engine.memory
+    assert (memory["total"], memory["init_free"], memory["budget"]) == (total, init_free, budget)
+    assert (memory["peak"], memory["activation_peak"], memory["kv_bytes"]) == (peak, activation, kv)
+    assert memory["num_blocks"] == llm.engine.block_manager.num_blocks == expected_blocks
+    assert llm.engine.config.block_size == 128
+
+    line, = [r.getMessage() for r in caplog.records if "KV budget" in r.getMessage()]
+    for text in ("total 8.00 GiB", "free at start 6.00 GiB", "budget 4.00 GiB (x0.50)", "activation peak 0.50 GiB",
+                 "peak 4.00 GiB", f"= {expected_blocks} blocks of 128 tokens"):
+        assert text in line, (text, line)
+    # and the cache is usable: a request runs
+    out = llm.generate([{"prompt_token_ids": list(range(3, 40))}], SamplingParams(temperature=0, max_tokens=4))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_budget_above_free_memory_is_refused_on_npu(tiny_qwen2_dir, standin):
+    set_memory(total=8 * GiB, free=2 * GiB)  # others use 6 GiB of the card
+    with pytest.raises(ValueError, match=r"--gpu-memory-utilization 0.9 asks for 7.20 GiB but only 2.00 GiB of "
+                                         r"8.00 GiB was free at start .* lower it to 0.25"):
+        LLM(str(tiny_qwen2_dir), device="npu", max_num_batched_tokens=256, max_num_seqs=4, skip_tokenizer_init=True)
+
+
+def test_too_little_kv_for_one_sequence_says_what_to_lower(tiny_qwen2_dir, standin, monkeypatch):
+    set_memory(total=8 * GiB, free=6 * GiB)
+    simulate_memory(monkeypatch, weights=3 * GiB, activation=GiB // 2, non_torch=GiB // 2 - 64 * 1024)
+    with pytest.raises(ValueError, match="lower --max-model-len or give the cache more memory"):
+        LLM(str(tiny_qwen2_dir), device="npu", gpu_memory_utilization=0.5, max_num_batched_tokens=256,
+            max_num_seqs=4, skip_tokenizer_init=True)
