@@ -7,6 +7,10 @@ from npu_infer.worker.step_io import StepInput, StepOutput
 from npu_infer.worker.worker import Worker
 
 
+class WorkerProcessError(RuntimeError):
+    """A worker process died or failed: the executor cannot run another step (the server exits on it)."""
+
+
 class UniProcExecutor:
     """The single worker lives in the engine's own process."""
 
