@@ -1,0 +1,133 @@
+"""The real server started with `--device npu` on the torch_npu stand-in answers the seed's request.
+
+The server runs as a subprocess (`python -m npu_infer.api.server`, the seed's flags).  A real NPU machine has
+torch_npu installed; here the stand-in takes its place through a `sitecustomize.py` shim put first on the
+subprocess's PYTHONPATH (written by this test, never part of the package): Python imports it at start-up, it
+installs the stand-in as `torch_npu` / `torch.npu`, sets the device memory the stand-in reports, counts the
+kernel calls and writes the counts to a file when the server exits.  Before installing it, the shim lets
+transformers probe for torch_npu and find none (the probe is cached), so transformers does not load its own
+NPU kernels, which the stand-in does not emulate; npu_infer is the only user of the stand-in.
+
+References: the prompt's token count from the tokenizer itself, and for a greedy request the offline engine
+(`LLM(device="npu")` in this process, a second code path over the same stand-in kernels)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import requests
+
+from api.server_process import ServerProcess, long_context_copy
+from npu_infer import LLM, SamplingParams
+
+from . import install, uninstall
+
+GiB = 1 << 30
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = ("npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_fused_infer_attention_score",
+           "_npu_reshape_and_cache", "_npu_paged_attention", "_npu_rotary_embedding")
+SEED_PROMPT = "给我讲个英雄联盟的背景故事："
+
+SHIM = r'''
+"""Test shim (tests/npu_standin/test_e2e_server.py): run this process on the torch_npu stand-in."""
+import atexit, json, os, sys
+
+from transformers.utils import import_utils
+
+import_utils.is_torch_npu_available()  # cached False: transformers keeps away from the stand-in
+import_utils.is_torch_npu_available(check_device=True)
+sys.path.insert(0, os.environ["NPU_STANDIN_TESTS_DIR"])
+import npu_standin  # noqa: E402
+
+module = npu_standin.install()
+free, total = map(int, os.environ["NPU_STANDIN_MEMORY"].split(","))
+npu_standin.set_memory(free=free, total=total)
+counts = {}
+
+
+def counted(name, fn):
+    def call(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return fn(*args, **kwargs)
+    return call
+
+
+for name in json.loads(os.environ["NPU_STANDIN_KERNELS"]):
+    setattr(module, name, counted(name, getattr(module, name)))
+atexit.register(lambda: open(os.environ["NPU_STANDIN_CALLS_FILE"], "w").write(json.dumps(counts)))
+'''
+
+SERVER_FLAGS = ["--device", "npu", "-tp", "1", "--disable-log-stats", "--disable-log-requests",
+                "--enable-prefix-caching", "--max-model-len", "2048", "--kv-cache-memory", "64MiB",
+                "--gpu-memory-utilization", "0.5", "--max-num-batched-tokens", "256", "--max-num-seqs", "8"]
+LLM_FLAGS = dict(max_model_len=2048, kv_cache_memory="64MiB", gpu_memory_utilization=0.5,
+                 enable_prefix_caching=True, max_num_batched_tokens=256, max_num_seqs=8)  # small: a fast profile_run
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_chat_model_dir, tmp_path_factory):
+    """The tiny chat model with room for the seed's max_tokens=1000."""
+    return long_context_copy(tiny_chat_model_dir, tmp_path_factory.mktemp("tiny-chat-npu-2k"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("npu-server")
+    (tmp / "shim").mkdir()
+    (tmp / "shim" / "sitecustomize.py").write_text(SHIM)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp / "shim"), os.environ.get("PYTHONPATH")])),
+           "NPU_STANDIN_TESTS_DIR": TESTS_DIR, "NPU_STANDIN_MEMORY": f"{12 * GiB},{16 * GiB}",
+           "NPU_STANDIN_KERNELS": json.dumps(KERNELS), "NPU_STANDIN_CALLS_FILE": str(tmp / "calls.json")}
+    proc = ServerProcess(["--model", str(model_dir), *SERVER_FLAGS], tmp / "server.log", env=env)
+    proc.calls_file = tmp / "calls.json"
+    yield proc
+    proc.stop()
+
+
+def test_seed_request_is_answered_on_npu(server, model_dir, smollm2_tokenizer):
+    url = server.url + "/v1/completions"
+    data = {"model": str(model_dir), "prompt": SEED_PROMPT, "max_tokens": 1000, "temperature": 0.7, "top_p": 1}
+    result = requests.post(url, json=data).json()
+
+    assert result["object"] == "text_completion" and result["model"] == str(model_dir), result
+    (choice,) = result["choices"]
+    assert choice["text"] and choice["finish_reason"] in ("stop", "length")
+    usage = result["usage"]
+    assert usage["prompt_tokens"] == len(smollm2_tokenizer.encode(SEED_PROMPT))
+    assert 1 <= usage["completion_tokens"] <= 1000
+    assert usage["completion_tokens"] == 1000 or choice["finish_reason"] == "stop"
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_greedy_completion_matches_the_offline_engine_on_npu(server, model_dir):
+    body = {"model": str(model_dir), "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0,
+            "logprobs": 1}
+    response = requests.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+
+    install()  # the reference runs here, in-process, on the same stand-in kernels
+    try:
+        llm = LLM(str(model_dir), device="npu", **LLM_FLAGS)
+        (ref,) = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=12, logprobs=1))
+        del llm
+    finally:
+        uninstall()
+    completion = ref.outputs[0]
+    assert choice["text"] == completion.text
+    expected = [lp[tok].logprob for tok, lp in zip(completion.token_ids, completion.logprobs)]
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_server_ran_on_the_standin_kernels_and_sized_kv_from_its_memory(server):
+    """Last in the module: stops the server so that the shim writes its kernel counts."""
+    assert server.stop() == 0
+    log = server.log_path.read_text(errors="replace")
+    assert "on npu (dtype bfloat16)" in log
+    budget_line = next(line for line in log.splitlines() if "KV budget:" in line and "free at start" in line)
+    for text in ("total 16.00 GiB", "free at start 12.00 GiB", "budget 8.00 GiB (x0.50)", "blocks of 128 tokens"):
+        assert text in budget_line, (text, budget_line)
+    calls = json.loads(server.calls_file.read_text())
+    assert all(calls.get(k) for k in KERNELS), calls
