@@ -76,7 +76,8 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
     choices = [ChatCompletionResponseChoice(
         index=out.index, message=ChatResponseMessage(role="assistant", content=out.text),
         logprobs=chat_logprobs(ctx, out.token_ids, out.logprobs, top_n) if req.logprobs else None,
-        finish_reason=out.finish_reason, stop_reason=out.stop_reason) for out in final.outputs]
+        finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+        token_ids=list(out.token_ids) if ctx.send_token_ids(req) else None) for out in final.outputs]
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
     ctx.log_finished(request_id, len(prompt_ids), final.outputs, start, final.metrics.get("first_token_time"))
     response = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
@@ -123,7 +124,8 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
                 logprobs = chat_logprobs(ctx, new_ids, new_entries or [], top_n) if req.logprobs else None
                 choices.append(ChatCompletionResponseStreamChoice(
                     index=choice.index, delta=DeltaMessage(content=new_text), logprobs=logprobs,
-                    finish_reason=choice.finish_reason, stop_reason=choice.stop_reason))
+                    finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
+                    token_ids=list(new_ids) if ctx.send_token_ids(req) else None))
             finished = out.finished
             if choices:
                 yield sse(chunk(choices, usage() if continuous else None))

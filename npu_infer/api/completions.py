@@ -112,7 +112,7 @@ def _response(req: CompletionRequest, ctx: ServingContext, model: str, request_i
                 logprobs = completion_logprobs(ctx, token_ids, entries)
             choices.append(CompletionResponseChoice(
                 index=i * req.n + j, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
-                stop_reason=out.stop_reason,
+                stop_reason=out.stop_reason, token_ids=list(out.token_ids) if ctx.send_token_ids(req) else None,
                 prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs) if req.prompt_logprobs is not None
                 else None))
         ctx.log_finished(final.request_id, len(final.prompt_token_ids), final.outputs, start,
@@ -162,7 +162,8 @@ async def _stream(req: CompletionRequest, raw: Request, ctx: ServingContext, mod
                     cursor.text_offset += sum(len(t) for t in logprobs.tokens)
                 chunk_choices.append(CompletionResponseStreamChoice(
                     index=i * req.n + choice.index, text=new_text, logprobs=logprobs,
-                    finish_reason=choice.finish_reason, stop_reason=choice.stop_reason))
+                    finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
+                    token_ids=list(new_ids) if ctx.send_token_ids(req) else None))
             if first_token is None and any(c.token_ids for c in out.outputs):
                 first_token = time.monotonic()
             if out.finished:

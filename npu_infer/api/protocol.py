@@ -45,6 +45,7 @@ class _SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    return_token_ids: bool = False  # vLLM's: also send the generated token ids (always, without a tokenizer)
     logit_bias: dict[str, float] | None = None
 
     @field_validator("logit_bias")
@@ -132,6 +133,7 @@ class CompletionResponseChoice(OpenAIModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
     prompt_logprobs: list[dict[int, Any] | None] | None = None
 
 
@@ -150,6 +152,7 @@ class CompletionResponseStreamChoice(OpenAIModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionStreamResponse(OpenAIModel):
@@ -237,6 +240,7 @@ class ChatCompletionResponseChoice(OpenAIModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionResponse(OpenAIModel):
@@ -263,6 +267,7 @@ class ChatCompletionResponseStreamChoice(OpenAIModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionStreamResponse(OpenAIModel):

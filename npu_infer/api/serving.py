@@ -49,6 +49,10 @@ class ServingContext:
                            param="model", code="model_not_found")
         return requested
 
+    def send_token_ids(self, request) -> bool:
+        """Token ids go out when asked for, and always without a tokenizer (there is no text then)."""
+        return request.return_token_ids or self.tokenizer is None
+
     def need_tokenizer(self, what: str):
         if self.tokenizer is None:
             raise bad_request(f"{what} needs a tokenizer, and this server runs with --skip-tokenizer-init; "

@@ -22,7 +22,8 @@ def model_dir(tiny_chat_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    proc = ServerProcess(["--model", str(model_dir), "--max-model-len", "2048", *FAST_FLAGS],
+    proc = ServerProcess(["--model", str(model_dir), "--max-model-len", "2048", "--enable-prefix-caching",
+                          *FAST_FLAGS],
                          tmp_path_factory.mktemp("server") / "server.log")
     yield proc
     proc.stop()
@@ -236,6 +237,27 @@ def test_same_seed_same_text(server):
     b = complete(server, seed=1234, **body)["choices"][0]["text"]
     c = complete(server, seed=4321, **body)["choices"][0]["text"]
     assert a == b and a != c
+
+
+def test_return_token_ids(server, smollm2_tokenizer):
+    whole = complete(server, prompt=PROMPT, max_tokens=8, temperature=0, return_token_ids=True)["choices"][0]
+    assert len(whole["token_ids"]) == 8 and smollm2_tokenizer.decode(whole["token_ids"]) == whole["text"]
+    r = requests.post(server.url + "/v1/completions", timeout=60, json={
+        "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "return_token_ids": True, "stream": True})
+    assert [t for e in sse_events(r) for t in e["choices"][0]["token_ids"]] == whole["token_ids"]
+    assert complete(server, prompt=PROMPT, max_tokens=2)["choices"][0]["token_ids"] is None  # only when asked
+
+
+def test_prefix_cache_hits_show_in_metrics(server):
+    prompt = list(range(1000, 1100))  # 100 tokens: 6 full blocks of 16
+    complete(server, prompt=prompt, max_tokens=2, temperature=0)
+    before = server.wait_idle()
+    again = complete(server, prompt=prompt, max_tokens=2, temperature=0)
+    after = server.wait_idle()
+    hits = after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
+    queries = after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"]
+    assert queries == 100 and hits == 96, (queries, hits)
+    assert again["usage"]["prompt_tokens"] == 100
 
 
 # ---- chat ---------------------------------------------------------------------------------------------------

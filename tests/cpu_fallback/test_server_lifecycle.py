@@ -78,6 +78,35 @@ def test_missing_default_model_says_how_to_install(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_skip_tokenizer_init_serves_token_ids(tiny_llama_dir, tmp_path):
+    """A model directory with no tokenizer at all: token ids in, token ids out, vLLM's other flags accepted."""
+    from npu_infer import LLM, SamplingParams
+    prompt = [5, 17, 42, 99, 3]
+    proc = ServerProcess(["--model", str(tiny_llama_dir), "--skip-tokenizer-init", "-tp", "1", "--dtype", "float32",
+                          "--load-format", "safetensors", "--max-model-len", "128", "--kv-cache-memory", "8MiB",
+                          "--served-model-name", "ids-only", "--disable-log-stats", "--disable-log-requests"],
+                         tmp_path / "server.log")
+    try:
+        out = requests.post(proc.url + "/v1/completions", timeout=60, json={
+            "model": "ids-only", "prompt": prompt, "max_tokens": 12, "temperature": 0}).json()
+        text_prompt = requests.post(proc.url + "/v1/completions", json={"prompt": "hello"}, timeout=60)
+        chat = requests.post(proc.url + "/v1/chat/completions", timeout=60,
+                             json={"messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        assert proc.stop() == 0
+    llm = LLM(str(tiny_llama_dir), device="cpu", skip_tokenizer_init=True, dtype="float32", max_model_len=128,
+              kv_cache_memory="8MiB")
+    try:
+        offline = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    finally:
+        llm.engine.shutdown()
+    choice = out["choices"][0]
+    assert choice["token_ids"] == offline.token_ids and choice["text"] == ""
+    assert out["usage"]["completion_tokens"] == len(offline.token_ids)
+    for response in (text_prompt, chat):
+        assert response.status_code == 400 and "tokenizer" in response.json()["error"]["message"]
+
+
 @pytest.fixture(scope="module")
 def default_server(smollm2_gguf, tmp_path_factory):
     proc = ServerProcess(["--device", "cpu", "--max-model-len", "2048", "--kv-cache-memory", "256MiB",
