@@ -203,3 +203,40 @@ def test_worker_command_takes_the_server_flags_and_ignores_server_only_ones():
     assert (config.tensor_parallel_size, config.pipeline_parallel_size, config.node_rank) == (2, 2, 1)
     assert (config.master_addr, config.master_port, config.kv_cache_memory) == ("10.0.0.1", 29500, 1024**3)
     assert config.enable_prefix_caching and ignored == ["--port", "8000"]
+
+
+# ---- what each pipeline stage holds ---------------------------------------------------------------------------
+@contextmanager
+def pp_rank(rank: int, size: int):
+    saved = parallel_state._TP, parallel_state._PP
+    parallel_state._TP = _LocalGroup([rank], rank)
+    parallel_state._PP = _LocalGroup(list(range(size)), rank)
+    try:
+        yield
+    finally:
+        parallel_state._TP, parallel_state._PP = saved
+
+
+def test_only_the_first_stage_embeds_and_only_the_last_holds_the_norm_and_lm_head(monkeypatch, tiny_qwen2_dir):
+    """Qwen2 ties the LM head to the embedding: the last stage, which has no embedding, loads it as its head."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from npu_infer.models.llama import Qwen2ForCausalLM
+    monkeypatch.setenv("NPU_INFER_PP_LAYER_PARTITION", "1,1")
+    hf = AutoConfig.from_pretrained(tiny_qwen2_dir)
+    weights = load_file(tiny_qwen2_dir / "model.safetensors")
+    stages = []
+    for rank in range(2):
+        with pp_rank(rank, 2):
+            model = Qwen2ForCausalLM(hf)
+            model.load_weights(weights.items())
+            stages.append(model)
+    first, last = stages
+    assert first.model.embed_tokens is not None and first.model.norm is None and first.lm_head is None
+    assert last.model.embed_tokens is None and last.model.norm is not None
+    assert torch.equal(last.lm_head.weight, weights["model.embed_tokens.weight"])
+    assert torch.equal(first.model.layers[0].mlp.down_proj.weight, weights["model.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(last.model.layers[1].mlp.down_proj.weight, weights["model.layers.1.mlp.down_proj.weight"])
+    assert isinstance(first.model.layers[1], torch.nn.Identity) and isinstance(last.model.layers[0], torch.nn.Identity)
+    assert {n for n, _ in first.named_parameters()}.isdisjoint({n for n, _ in last.named_parameters()})
