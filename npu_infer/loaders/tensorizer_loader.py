@@ -36,7 +36,8 @@ def tensors_file(path: str) -> Path:
     if not files:
         raise ValueError(f"{path} holds no .tensors file; write one with "
                          "`npu-infer tensorize --model <checkpoint> --output <dir>`")
-    raise ValueError(f"{path} holds several .tensors files ({', '.join(f.name for f in files)}); keep one per directory")
+    names = ", ".join(f.name for f in files)
+    raise ValueError(f"{path} holds several .tensors files ({names}); keep one per directory")
 
 
 def iterate_tensorizer_weights(path: str, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
@@ -46,8 +47,8 @@ def iterate_tensorizer_weights(path: str, device: str | torch.device = "cpu") ->
     try:
         deserializer = tensorizer.TensorDeserializer(str(file), device=device, lazy_load=True)
     except Exception as exc:  # tensorizer raises assorted errors for foreign or damaged headers
-        raise ValueError(f"{file} is not a readable tensorizer file: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
-            from None
+        why = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise ValueError(f"{file} is not a readable tensorizer file: {why}") from None
     try:
         for name in list(deserializer.keys()):
             try:
