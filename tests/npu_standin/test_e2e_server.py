@@ -18,6 +18,7 @@ import os
 
 import pytest
 import requests
+import torch
 
 from api.server_process import ServerProcess, long_context_copy
 from npu_infer import LLM, SamplingParams
@@ -79,7 +80,9 @@ def server(model_dir, tmp_path_factory):
     (tmp / "shim" / "sitecustomize.py").write_text(SHIM)
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp / "shim"), os.environ.get("PYTHONPATH")])),
            "NPU_STANDIN_TESTS_DIR": TESTS_DIR, "NPU_STANDIN_MEMORY": f"{12 * GiB},{16 * GiB}",
-           "NPU_STANDIN_KERNELS": json.dumps(KERNELS), "NPU_STANDIN_CALLS_FILE": str(tmp / "calls.json")}
+           "NPU_STANDIN_KERNELS": json.dumps(KERNELS), "NPU_STANDIN_CALLS_FILE": str(tmp / "calls.json"),
+           # as many threads as the in-process reference: a GEMM's reduction order may depend on it
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = ServerProcess(["--model", str(model_dir), *SERVER_FLAGS], tmp / "server.log", env=env)
     proc.calls_file = tmp / "calls.json"
     yield proc
@@ -108,7 +111,7 @@ def test_greedy_completion_matches_the_offline_engine_on_npu(server, model_dir):
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
 
-    install()  # the reference runs here, in-process, on the same stand-in kernels
+    install()  # the reference runs here, in-process, on the same stand-in kernels and thread count
     try:
         llm = LLM(str(model_dir), device="npu", **LLM_FLAGS)
         (ref,) = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=12, logprobs=1))
