@@ -161,6 +161,12 @@ def main() -> None:
         ping = f"{r['ping_ms']:.3f}" if "ping_ms" in r else "-"
         print(f"{name:8s} {r['dtype']:9s} {r['load_s']:7.1f} {r['batch_tok_s']:12.1f} {r['single_tok_s']:12.1f} "
               f"{r['ms_per_step']:8.2f} {ping:>17s}", flush=True)
+    if "tp1" in rows:  # what the split costs per step, all in: messages, collectives, idle stages, fewer threads
+        base = rows["tp1"]
+        for name, r in rows.items():
+            if name != "tp1":
+                print(f"{name} vs tp1: {r['ms_per_step'] - base['ms_per_step']:+.2f} ms/step (batch), "
+                      f"{1000 / r['single_tok_s'] - 1000 / base['single_tok_s']:+.2f} ms/token (1 sequence)")
 
     from transformers import AutoConfig
     hf = AutoConfig.from_pretrained(model)
