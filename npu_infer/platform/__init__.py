@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from npu_infer.platform.cpu import CpuPlatform
 from npu_infer.platform.cuda import CudaPlatform
-from npu_infer.platform.interface import Platform
+from npu_infer.platform.interface import DeviceUnavailableError, Platform
 from npu_infer.platform.npu import NpuPlatform
 
 PLATFORMS: dict[str, type[Platform]] = {"npu": NpuPlatform, "cuda": CudaPlatform, "cpu": CpuPlatform}
@@ -34,5 +34,5 @@ def current_platform() -> Platform:
     return _current
 
 
-__all__ = ["Platform", "CpuPlatform", "CudaPlatform", "NpuPlatform", "get_platform", "current_platform",
+__all__ = ["Platform", "DeviceUnavailableError", "CpuPlatform", "CudaPlatform", "NpuPlatform", "get_platform", "current_platform",
            "set_current_platform"]

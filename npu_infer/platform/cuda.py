@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from npu_infer.platform.interface import Platform
+from npu_infer.platform.interface import DeviceUnavailableError, Platform
 
 
 class CudaPlatform(Platform):
@@ -16,7 +16,7 @@ class CudaPlatform(Platform):
 
     def check_usable(self) -> None:
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda needs a CUDA GPU and a CUDA build of torch; none was found")
+            raise DeviceUnavailableError("--device cuda needs a CUDA GPU and a CUDA build of torch; none was found")
 
     def set_device(self, device: torch.device) -> None:
         torch.cuda.set_device(device)

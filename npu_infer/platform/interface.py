@@ -4,6 +4,10 @@ from __future__ import annotations
 import torch
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The chosen --device cannot be used here (runtime missing, no device, too few devices); one sentence."""
+
+
 class Platform:
     """Base class; CpuPlatform, CudaPlatform and NpuPlatform fill in what differs."""
 

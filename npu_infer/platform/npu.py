@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from npu_infer.platform.interface import Platform
+from npu_infer.platform.interface import DeviceUnavailableError, Platform
 from npu_infer.platform.npu_attention import BLOCK_SIZE
 
 INSTALL_HINT = ("install the CANN toolkit, source its set_env.sh, and `pip install npu_infer[npu]` with the torch-npu "
@@ -20,7 +20,7 @@ def import_torch_npu():
         return importlib.import_module("torch_npu")
     except Exception as exc:  # ImportError, or CANN's shared libraries missing (OSError/RuntimeError)
         hint = INSTALL_HINT.format(torch=torch.__version__.split("+")[0])
-        raise RuntimeError(f"--device npu needs torch_npu and CANN ({type(exc).__name__}: {exc}); {hint}") from None
+        raise DeviceUnavailableError(f"--device npu needs torch_npu and CANN ({type(exc).__name__}: {exc}); {hint}") from None
 
 
 def _visible_devices_note() -> str:
@@ -42,13 +42,13 @@ class NpuPlatform(Platform):
         try:
             import_torch_npu()
             return torch.npu.is_available()
-        except RuntimeError:
+        except DeviceUnavailableError:
             return False
 
     def check_usable(self) -> None:
         import_torch_npu()
         if not torch.npu.is_available():
-            raise RuntimeError(f"--device npu found torch_npu but no NPU{_visible_devices_note()}; "
+            raise DeviceUnavailableError(f"--device npu found torch_npu but no NPU{_visible_devices_note()}; "
                                "check the driver with npu-smi info")
 
     def device(self, local_rank: int = 0) -> torch.device:
@@ -56,7 +56,7 @@ class NpuPlatform(Platform):
         torch_npu = import_torch_npu()
         count = torch.npu.device_count()
         if local_rank >= count:
-            raise RuntimeError(f"this rank needs npu:{local_rank} but {count} NPU(s) are visible"
+            raise DeviceUnavailableError(f"this rank needs npu:{local_rank} but {count} NPU(s) are visible"
                                f"{_visible_devices_note()}; lower -tp/-pp or make more cards visible")
         standin_device = getattr(torch_npu, "standin_device", None)  # tests' stand-in runs on CPU tensors
         return standin_device(local_rank) if standin_device else torch.device(f"npu:{local_rank}")

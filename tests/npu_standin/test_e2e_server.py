@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import requests
 import torch
 
-from api.server_process import ServerProcess, long_context_copy
+from api.server_process import REPO, ServerProcess, long_context_copy
 from npu_infer import LLM, SamplingParams
 
 from . import install, uninstall
@@ -134,3 +136,15 @@ def test_server_ran_on_the_standin_kernels_and_sized_kv_from_its_memory(server):
         assert text in budget_line, (text, budget_line)
     calls = json.loads(server.calls_file.read_text())
     assert all(calls.get(k) for k in KERNELS), calls
+
+
+def test_server_without_torch_npu_says_what_to_install(model_dir):
+    """No shim: this machine has no torch_npu, as a machine without CANN.  One line on stderr, no traceback."""
+    result = subprocess.run([sys.executable, "-m", "npu_infer.api.server", "--model", str(model_dir), *SERVER_FLAGS],
+                            capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: --device npu needs torch_npu and CANN") and "Traceback" not in result.stderr
+    for needed in ("npu_infer[npu]", "CANN toolkit", "set_env.sh", "torch-npu X.Y.Z needs torch==X.Y.Z"):
+        assert needed in line
