@@ -68,6 +68,7 @@ class NpuFusedOps:
         self._rope[(id(cache), dtype)] = (weakref.ref(cache), _version(cache), first)
         return first
 
+
 def _version(t: torch.Tensor) -> int | None:
     try:
         return t._version
