@@ -34,6 +34,7 @@ sys.meta_path.insert(0, Watch())
 import npu_infer
 from npu_infer import LLM, SamplingParams
 import npu_infer.env_report, npu_infer.platform.npu, npu_infer.platform.npu_attention, npu_infer.platform.npu_ops
+import npu_infer.api.server, npu_infer.cli
 llm = LLM(sys.argv[1], device="cpu", skip_tokenizer_init=True, max_num_batched_tokens=64, max_num_seqs=2,
           kv_cache_memory="8MiB")
 out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=3))
