@@ -325,9 +325,11 @@ class MultiprocExecutor:
         self._broken: str | None = None
         out = output_rank(config)
         self._output_conn = self.conns[out] if out in self.local_ranks else self.conns[0]
-        ready = self._wait(self.conns, "start")
-        self.num_blocks = ready[self.conns[0]]["num_blocks"]
-        self.memory = ready[self.conns[0]]["memory"]
+        answers = list(self._wait(self.conns, "start").values())
+        self.num_blocks = answers[0]["num_blocks"]  # the minimum over every rank (all-reduced by the workers)
+        # The start-up log shows the budget of the most constrained local rank, the one whose count is used.
+        self.memory = dict(min((a["memory"] for a in answers), key=lambda m: m["num_blocks"]),
+                           num_blocks=self.num_blocks)
         logger.info("%d worker processes ready (tp=%d, pp=%d, nnodes=%d); KV blocks per rank: %d",
                     len(self.procs), config.tensor_parallel_size, config.pipeline_parallel_size, config.nnodes,
                     self.num_blocks)

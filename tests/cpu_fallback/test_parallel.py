@@ -29,6 +29,7 @@ def generate(model_dir, tp: int = 1, pp: int = 1):
     try:
         outs = llm.generate(PROMPTS * 2, [GREEDY] * len(PROMPTS) + [SEEDED] * len(PROMPTS))
         num_blocks = llm.engine.block_manager.num_blocks
+        assert llm.engine.memory["num_blocks"] == num_blocks  # what the start-up log reports
     finally:
         llm.engine.shutdown()
     return outs, num_blocks
