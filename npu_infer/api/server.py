@@ -28,6 +28,7 @@ from npu_infer.api.metrics import CONTENT_TYPE, ServerMetrics
 from npu_infer.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                                     ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from npu_infer.api.serving import ServingContext
+from npu_infer.platform.interface import DeviceUnavailableError
 
 logger = logging.getLogger("npu_infer.api.server")
 
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         config = engine_config_from_args(args)
         from npu_infer.engine.llm_engine import LLMEngine
         llm_engine = LLMEngine(config)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, DeviceUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
