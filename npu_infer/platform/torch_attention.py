@@ -31,20 +31,40 @@ class TorchAttentionBackend:
         nd = meta.num_decodes if has_cache else 0  # profile_run has no cache: everything is a fresh prefill
         if nd:
             out[:nd] = self._decode(q[:nd], kv_cache, meta, scale, num_kv_heads)
-        start = nd
-        for i in range(nd, len(meta.query_lens_cpu)):
-            q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
-            end = start + q_len
+        start, i = nd, nd
+        q_lens, seq_lens = meta.query_lens_cpu, meta.seq_lens_cpu
+        while i < len(q_lens):
+            q_len, seq_len = q_lens[i], seq_lens[i]
             if seq_len == q_len or not has_cache:  # fresh prefill: attend over this step's own k/v
-                ks, vs = k[start:end], v[start:end]
+                # A run of fresh prefills of one length is one batched SDPA call (profile_run, equal prompts).
+                run = 1
+                while i + run < len(q_lens) and q_lens[i + run] == q_len and (seq_lens[i + run] == q_len
+                                                                              or not has_cache):
+                    run += 1
+                end = start + run * q_len
+                out[start:end] = self._prefill_batch(q[start:end], k[start:end], v[start:end], run, scale,
+                                                     num_kv_heads)
+                i += run
             else:  # chunked prefill or prefix-cache hit: the context comes from the cache
+                end = start + q_len
                 num_blocks = -(-seq_len // meta.block_size)
                 blocks = meta.block_tables[i, :num_blocks].long()
                 kvs = _gather_blocks(kv_cache, blocks).flatten(1, 2)[:, :seq_len]
-                ks, vs = kvs[0], kvs[1]
-            out[start:end] = self._prefill(q[start:end], ks, vs, seq_len - q_len, scale, num_kv_heads)
+                out[start:end] = self._prefill(q[start:end], kvs[0], kvs[1], seq_len - q_len, scale, num_kv_heads)
+                i += 1
             start = end
         return out.view(num_tokens, num_heads * head_dim)
+
+    @staticmethod
+    def _prefill_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, scale: float,
+                       num_kv_heads: int) -> torch.Tensor:
+        """`batch` fresh prefills of equal length, laid end to end in q/k/v [batch * L, heads, D]: causal SDPA."""
+        q_b = q.view(batch, -1, *q.shape[1:]).transpose(1, 2)
+        k_b = k.view(batch, -1, *k.shape[1:]).transpose(1, 2)
+        v_b = v.view(batch, -1, *v.shape[1:]).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, scale=scale,
+                                           enable_gqa=q.shape[1] != num_kv_heads)
+        return o.transpose(1, 2).reshape(q.shape)
 
     @staticmethod
     def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_before: int, scale: float,

@@ -64,6 +64,16 @@ def test_greedy_batch_matches_transformers(model_and_reference):
     assert_pool_whole(llm)
 
 
+def test_equal_length_prefills_batched_match_transformers(model_and_reference):
+    """Prompts of one length, prefilled in one step, go through one batched SDPA call (a second code path)."""
+    model_dir, _, _ = model_and_reference
+    prompts = random_prompts(256, lens=(12, 12, 12, 7, 12), seed=3)  # a run of three, a break, one more
+    llm = make_llm(model_dir)
+    assert generate_greedy(llm, prompts, new_tokens=8) == reference_greedy(model_dir, prompts, new_tokens=8)
+    assert llm.engine.stats.max_batch_size == len(prompts)
+    assert_pool_whole(llm)
+
+
 def test_chunked_prefill_matches_transformers(model_and_reference):
     model_dir, prompts, expected = model_and_reference
     llm = make_llm(model_dir, max_num_batched_tokens=8, max_num_seqs=4)
