@@ -56,6 +56,9 @@ class AsyncEngine:
         self.died = threading.Event()  # set when the engine thread stops on an error (the server then exits 1)
         self._closing = False
         self._snapshot = self._make_snapshot()
+        on_failure = getattr(engine.executor, "on_failure", None)
+        if on_failure is not None:  # a worker process that dies between steps stops the engine now, not later
+            on_failure(lambda: self._inbox.put(("check_workers",)))
         if metrics is not None:
             metrics.attach_engine(self.snapshot)
 
@@ -161,6 +164,8 @@ class AsyncEngine:
         elif kind == "abort_all":
             for request_id in list(self._streams):
                 self._abort(request_id, RequestAborted("the server is shutting down"))
+        elif kind == "check_workers":
+            self.engine.executor.check_workers()  # raises WorkerProcessError: the engine thread stops
         elif kind == "stop":
             for request_id in list(self._streams):
                 self._abort(request_id, RequestAborted("the server is shutting down"))

@@ -22,6 +22,7 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -291,6 +292,23 @@ def _stop(procs: list, conns: list[Connection], graceful: bool) -> None:
         conn.close()
 
 
+def _watch_workers(procs: list, ranks: list[int], stopping: threading.Event, callbacks: list) -> None:
+    """Notice a worker that exits while the engine is idle, when no step would notice it before the next request.
+    Only waits on the sentinels (never reaps a process): the engine's thread describes the exit."""
+    ready = wait([p.sentinel for p in procs])
+    if stopping.is_set():
+        return
+    gone = ", ".join(f"rank {r} (pid {p.pid})" for r, p in zip(ranks, procs) if p.sentinel in ready)
+    logger.error("worker %s exited; the engine cannot run another step", gone)
+    for callback in list(callbacks):
+        callback()
+
+
+def _stop_all(stopping: threading.Event, procs: list, conns: list[Connection]) -> None:
+    stopping.set()
+    _stop(procs, conns, graceful=True)
+
+
 def _describe_exit(proc) -> str:
     proc.join(0.5)
     code = proc.exitcode
@@ -319,7 +337,9 @@ class MultiprocExecutor:
         self.local_ranks = list(ranks_of_node(config, 0))
         self.procs, self.conns = _spawn(_for_workers(config), platform.device_type, 0, _init_method(config),
                                         with_pipes=True)
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, True)
+        self._stopping = threading.Event()  # set before the executor stops its workers itself
+        self._finalizer = weakref.finalize(self, _stop_all, self._stopping, self.procs, self.conns)
+        self._on_failure: list = []
         logger.info("worker processes: %s", ", ".join(f"rank {r} pid {p.pid}" for r, p in zip(self.local_ranks,
                                                                                           self.procs)))
         self._broken: str | None = None
@@ -330,6 +350,8 @@ class MultiprocExecutor:
         # The start-up log shows the budget of the most constrained local rank, the one whose count is used.
         self.memory = dict(min((a["memory"] for a in answers), key=lambda m: m["num_blocks"]),
                            num_blocks=self.num_blocks)
+        threading.Thread(target=_watch_workers, name="npu-infer-worker-watch", daemon=True,
+                         args=(self.procs, self.local_ranks, self._stopping, self._on_failure)).start()
         logger.info("%d worker processes ready (tp=%d, pp=%d, nnodes=%d); KV blocks per rank: %d",
                     len(self.procs), config.tensor_parallel_size, config.pipeline_parallel_size, config.nnodes,
                     self.num_blocks)
@@ -350,6 +372,29 @@ class MultiprocExecutor:
 
     def shutdown(self) -> None:
         self._finalizer()  # runs _stop once; later calls do nothing
+
+    def on_failure(self, callback) -> None:
+        """Call `callback()` (from another thread) when a worker exits between steps; the owner of the engine
+        then calls check_workers() on the engine's thread (the server does, and exits)."""
+        self._on_failure.append(callback)
+
+    def check_workers(self) -> None:
+        """Raise WorkerProcessError, naming the cause, when a worker has exited or reported an error."""
+        if self._broken:
+            raise WorkerProcessError(self._broken)
+        errors = []
+        for rank, conn in zip(self.local_ranks, self.conns):
+            if conn.poll():
+                try:
+                    status, payload = conn.recv()
+                except (EOFError, OSError):
+                    continue
+                if status == "error":
+                    errors.append((payload[0], rank, payload[1]))
+        failed = {rank for _, rank, _ in errors}
+        dead = [r for r, p in zip(self.local_ranks, self.procs) if r not in failed and not p.is_alive()]
+        if errors or dead:
+            self._report(errors, dead, "idle time")
 
     def _send(self, method: str, arg: object) -> None:
         if self._broken:
@@ -409,6 +454,7 @@ class MultiprocExecutor:
 
     def _fail(self, message: str) -> None:
         self._broken = f"the worker processes have stopped: {message.splitlines()[0]}"
+        self._stopping.set()
         _stop(self.procs, self.conns, graceful=False)
         self._finalizer.detach()
         raise WorkerProcessError(message)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from api.server_process import ServerProcess
 from conftest import make_tiny_model
 from npu_infer import LLM, SamplingParams
 
@@ -73,3 +75,30 @@ def test_clean_shutdown_stops_every_worker(tiny_dir):
     llm.engine.shutdown()
     assert [p.exitcode for p in procs] == [0, 0]  # they left on the shutdown message, not by a signal
     llm.engine.shutdown()  # twice is harmless
+
+
+def test_server_whose_worker_dies_while_idle_exits_non_zero_without_a_request(tiny_dir, tmp_path):
+    server = ServerProcess(["--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "--max-model-len", "512",
+                            "--kv-cache-memory", "4MiB", "--skip-tokenizer-init", "--disable-log-stats", "-pp", "2"],
+                           tmp_path / "server.log")
+    try:
+        pids = re.search(r"worker processes: rank 0 pid (\d+), rank 1 pid (\d+)", server.log())
+        assert pids, server.log()[-2000:]
+        start = time.monotonic()
+        os.kill(int(pids.group(2)), signal.SIGKILL)
+        assert server.proc.wait(30) == 1
+        assert time.monotonic() - start < 20
+        log = server.log()
+        assert f"worker rank 1 (pid {pids.group(2)}) was killed by SIGKILL during idle time" in log
+        assert "error: the engine stopped" in log
+        assert not any(_alive(int(pid)) for pid in pids.groups())  # rank 0 went down with the server
+    finally:
+        server.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is not running
