@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from npu_infer.api.metrics import ServerMetrics
@@ -46,12 +46,16 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None,
+                 thread: threading.Thread | None = None, run_on_thread: Callable | None = None):
         self.engine = engine
         self.metrics = metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
-        self._thread = threading.Thread(target=self._loop, name="npu-infer-engine", daemon=True)
+        # Either a new thread, or the one that built the engine (build()), told to run the loop by run_on_thread.
+        self._thread = thread or threading.Thread(target=self._loop, name="npu-infer-engine", daemon=True)
+        self._run_on_thread = run_on_thread
+        self._started = False
         self._dead: BaseException | None = None
         self.died = threading.Event()  # set when the engine thread stops on an error (the server then exits 1)
         self._closing = False
@@ -62,9 +66,46 @@ class AsyncEngine:
         if metrics is not None:
             metrics.attach_engine(self.snapshot)
 
+    @classmethod
+    def build(cls, make_engine: Callable[[], LLMEngine], metrics: ServerMetrics | None = None) -> AsyncEngine:
+        """Build the engine on the thread that will step it, and wrap it; make_engine's errors are raised here.
+
+        Why: libgomp (torch's OpenMP on CPU) spins its idle workers between parallel regions only while no more
+        threads take part in OpenMP than there are cores. Loading and profiling the model on the main thread
+        would leave the main thread's OpenMP team behind; the engine thread's team would then count as extra,
+        its workers would sleep between the decode step's many short GEMVs, and each would wait for them to
+        wake (decode measured ~25% slower on 2 cores). One thread doing all the compute avoids that."""
+        built: dict = {}
+        ready = threading.Event()
+        then: queue.SimpleQueue = queue.SimpleQueue()
+
+        def run() -> None:
+            try:
+                built["engine"] = make_engine()
+            except BaseException as exc:  # noqa: BLE001 -- re-raised on the caller's thread
+                built["error"] = exc
+                return
+            finally:
+                ready.set()
+            loop = then.get()  # the AsyncEngine's loop once started, or None when it is shut down unstarted
+            if loop is not None:
+                loop()
+
+        thread = threading.Thread(target=run, name="npu-infer-engine", daemon=True)
+        thread.start()
+        ready.wait()
+        if "error" in built:
+            raise built["error"]
+        async_engine = cls(built["engine"], metrics, thread=thread, run_on_thread=then.put)
+        return async_engine
+
     # ---- the event-loop side ----------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        self._started = True
+        if self._run_on_thread is not None:
+            self._run_on_thread(self._loop)
+        else:
+            self._thread.start()
 
     @property
     def is_alive(self) -> bool:
@@ -111,7 +152,9 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort what is in flight and stop the thread."""
-        if self._thread.is_alive():
+        if not self._started and self._run_on_thread is not None:
+            self._run_on_thread(None)  # the building thread waits to be told what to run: nothing
+        elif self._thread.is_alive():
             self._inbox.put(("stop",))
             self._thread.join(timeout)
         self.engine.shutdown()

@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = engine_config_from_args(args)
         from npu_infer.engine.llm_engine import LLMEngine
-        llm_engine = LLMEngine(config)
+        metrics = ServerMetrics(served_model_names(args, config)[0])
+        engine = AsyncEngine.build(lambda: LLMEngine(config), metrics)  # built on the thread that steps it
+        llm_engine = engine.engine
     except (ValueError, FileNotFoundError, DeviceUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -200,8 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     names = served_model_names(args, config)
-    metrics = ServerMetrics(names[0])
-    engine = AsyncEngine(llm_engine, metrics)
     app = build_app(engine, names, metrics, api_key=resolve_api_key(args),
                     log_requests=not args.disable_log_requests,
                     log_stats_interval=None if args.disable_log_stats else args.log_stats_interval)
