@@ -107,3 +107,12 @@ def tiny_chat_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
 def _threads():
     # Two cores: more threads than cores make small ops crawl when anything else runs.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_current_platform():
+    """An engine makes its platform the process-wide current one (layers read it when they are built); one test's
+    engine (say, on the NPU stand-in) must not decide the platform of the next test's model."""
+    import npu_infer.platform as platform
+    yield
+    platform._current = None

@@ -440,8 +440,14 @@ class MultiprocExecutor:
         if errors:  # a peer that is dying right now has closed its sockets but may not have exited yet
             wait([p.sentinel for p in self.procs], 0.2)
             failed = {rank for _, rank, _ in errors}
-            silent += [r for r, p in zip(self.local_ranks, self.procs)
-                       if r not in failed and r not in silent and not p.is_alive() and not self.conns[r].poll()]
+            for r, proc in zip(self.local_ranks, self.procs):
+                if r in failed or r in silent or proc.is_alive():
+                    continue
+                message = self._last_message(r)  # a dead rank's pipe polls readable: EOF, or its last words
+                if message is not None and message[0] == "error":
+                    errors.append((message[1][0], r, message[1][1]))
+                else:
+                    silent.append(r)
         lines = [f"worker rank {r} (pid {self.procs[r].pid}) {_describe_exit(self.procs[r])} during {what}"
                  for r in sorted(silent)]
         for _, rank, text in sorted(errors):
@@ -451,6 +457,13 @@ class MultiprocExecutor:
             lines.append("ranks on other nodes report in their `npu-infer worker` logs")
         details = "\n".join(text for _, _, text in sorted(errors))
         self._fail("; then ".join(lines) + (f"\n{details}" if details else ""))
+
+    def _last_message(self, rank: int) -> tuple | None:
+        conn = self.conns[rank]
+        try:
+            return conn.recv() if conn.poll() else None
+        except (EOFError, OSError):
+            return None
 
     def _fail(self, message: str) -> None:
         self._broken = f"the worker processes have stopped: {message.splitlines()[0]}"
