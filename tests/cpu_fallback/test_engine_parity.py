@@ -74,6 +74,18 @@ def test_equal_length_prefills_batched_match_transformers(model_and_reference):
     assert_pool_whole(llm)
 
 
+def test_many_decodes_take_the_matmul_path_and_match_transformers(model_and_reference):
+    """From MATMUL_DECODE_MIN_BATCH decoding sequences on, decode attention is two batched matmuls, not SDPA."""
+    from npu_infer.platform.torch_attention import MATMUL_DECODE_MIN_BATCH
+    model_dir, _, _ = model_and_reference
+    prompts = random_prompts(256, lens=(3, 9, 14, 20, 5, 27, 11, 16, 8, 30), seed=5)
+    assert len(prompts) >= MATMUL_DECODE_MIN_BATCH
+    llm = make_llm(model_dir, max_num_seqs=16)
+    assert generate_greedy(llm, prompts, new_tokens=12) == reference_greedy(model_dir, prompts, new_tokens=12)
+    assert llm.engine.stats.max_batch_size == len(prompts)
+    assert_pool_whole(llm)
+
+
 def test_chunked_prefill_matches_transformers(model_and_reference):
     model_dir, prompts, expected = model_and_reference
     llm = make_llm(model_dir, max_num_batched_tokens=8, max_num_seqs=4)
