@@ -116,3 +116,15 @@ def _fresh_current_platform():
     import npu_infer.platform as platform
     yield
     platform._current = None
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """One intra-op thread for a module of many tiny ops: on small shared CI cores a second OpenMP thread makes
+    each of them several times slower (spinning for a core another process holds). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

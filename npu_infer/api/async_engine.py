@@ -96,8 +96,7 @@ class AsyncEngine:
         ready.wait()
         if "error" in built:
             raise built["error"]
-        async_engine = cls(built["engine"], metrics, thread=thread, run_on_thread=then.put)
-        return async_engine
+        return cls(built["engine"], metrics, thread=thread, run_on_thread=then.put)
 
     # ---- the event-loop side ----------------------------------------------------------------------------
     def start(self) -> None:

@@ -13,7 +13,8 @@ from npu_infer.api.protocol import (ChatCompletionRequest, ChatCompletionRespons
                                     ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
                                     ChatResponseMessage, DeltaMessage, UsageInfo, random_id)
 from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, chat_logprobs,
-                                   collect_until_disconnect, sse, sse_error, stop_holdback, watch_disconnect)
+                                   collect_until_disconnect, sse, stop_holdback, stream_failure,
+                                   watch_disconnect)
 
 
 _RESERVED_KWARGS = {"conversation", "tokenize", "chat_template", "return_dict", "return_tensors", "tokenizer_kwargs"}
@@ -134,16 +135,11 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
         if include_usage:
             yield sse(chunk([], usage()))
         yield SSE_DONE
-    except RequestAborted as exc:
-        ctx.log_finished(request_id, prompt_tokens, None, start, first_token, f"aborted: {exc}")
-        yield sse_error(503, f"the request was aborted: {exc}")
-        yield SSE_DONE
-    except ValueError as exc:
-        yield sse_error(400, str(exc))
-        yield SSE_DONE
     except Exception as exc:  # noqa: BLE001 -- the status line is already sent; report in the stream
-        yield sse_error(500, f"{type(exc).__name__}: {exc}")
-        yield SSE_DONE
+        if isinstance(exc, RequestAborted):
+            ctx.log_finished(request_id, prompt_tokens, None, start, first_token, f"aborted: {exc}")
+        for event in stream_failure(exc):
+            yield event
     finally:
         watcher.cancel()
         if not finished:

@@ -12,8 +12,8 @@ from npu_infer.api.errors import APIError, bad_request
 from npu_infer.api.protocol import (CompletionRequest, CompletionResponse, CompletionResponseChoice,
                                     CompletionResponseStreamChoice, CompletionStreamResponse, UsageInfo, random_id)
 from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, collect_until_disconnect,
-                                   completion_logprobs, merge, prompt_logprobs_json, sse, sse_error,
-                                   stop_holdback, watch_disconnect)
+                                   completion_logprobs, merge, prompt_logprobs_json, sse, stop_holdback,
+                                   stream_failure, watch_disconnect)
 from npu_infer.outputs import RequestOutput
 from npu_infer.sampling import SamplingParams
 
@@ -180,16 +180,11 @@ async def _stream(req: CompletionRequest, raw: Request, ctx: ServingContext, mod
         yield SSE_DONE
         for final in finals.values():
             ctx.log_finished(final.request_id, len(final.prompt_token_ids), final.outputs, start, first_token)
-    except RequestAborted as exc:
-        ctx.log_finished(request_id, sum(prompt_tokens), None, start, first_token, f"aborted: {exc}")
-        yield sse_error(503, f"the request was aborted: {exc}")
-        yield SSE_DONE
-    except ValueError as exc:
-        yield sse_error(400, str(exc))
-        yield SSE_DONE
     except Exception as exc:  # noqa: BLE001 -- the status line is already sent; report in the stream
-        yield sse_error(500, f"{type(exc).__name__}: {exc}")
-        yield SSE_DONE
+        if isinstance(exc, RequestAborted):
+            ctx.log_finished(request_id, sum(prompt_tokens), None, start, first_token, f"aborted: {exc}")
+        for event in stream_failure(exc):
+            yield event
     finally:
         watcher.cancel()
         if len(finals) < len(prompts):  # left early (disconnect, error): free the engine's blocks now

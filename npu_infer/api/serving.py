@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from npu_infer.api.async_engine import AsyncEngine
+from npu_infer.api.async_engine import AsyncEngine, RequestAborted
 from npu_infer.api.errors import APIError, bad_request, error_body
 from npu_infer.api.protocol import ChatCompletionLogProbs, ChatLogProb, ChatLogProbsContent, CompletionLogProbs
 from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
@@ -207,6 +207,15 @@ def sse_error(status: int, message: str) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+def stream_failure(exc: Exception) -> tuple[str, str]:
+    """The events that end a stream failing after its 200 was sent: the error as OpenAI's JSON, then [DONE]."""
+    if isinstance(exc, RequestAborted):
+        return sse_error(503, f"the request was aborted: {exc}"), SSE_DONE
+    if isinstance(exc, ValueError):
+        return sse_error(400, str(exc)), SSE_DONE
+    return sse_error(500, f"{type(exc).__name__}: {exc}"), SSE_DONE
 
 
 # ---- logprobs -----------------------------------------------------------------------------------------------

@@ -172,13 +172,6 @@ def write_tiny_gguf(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _single_intra_op_thread():
-    """These tests move ~0.5 GB of tensors through many small element-wise ops;
-    on small, shared CI boxes OpenMP thread contention makes that many times
-    slower than one thread.  Restored after each module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _single_intra_op_thread(one_intra_op_thread):
+    """These tests move ~0.5 GB of tensors through many small element-wise ops: one thread is faster here."""
+    yield

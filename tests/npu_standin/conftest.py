@@ -53,13 +53,3 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for the end-to-end runs: their ops are tiny, and on shared cores a second OpenMP
-    thread makes each of them several times slower (spinning for a core another process holds)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -16,7 +16,7 @@ from npu_infer import LLM, SamplingParams
 from . import install, set_memory, uninstall
 from ._e2e import simulate_memory
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 GiB, MiB = 1 << 30, 1 << 20
 
 

@@ -27,7 +27,7 @@ from npu_infer import LLM, SamplingParams
 from . import install, uninstall
 from ._e2e import compare_greedy, install_spy
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 ENGINE = dict(dtype="bfloat16", max_model_len=512, max_num_batched_tokens=64, max_num_seqs=8,
               enable_prefix_caching=True, kv_cache_memory="64MiB")

@@ -260,7 +260,11 @@ def test_rotary_state_follows_the_torch_npu_module():
         install()
         try:
             q, k = torch.randn(2, 32).to(BF16), torch.randn(2, 32).to(BF16)
-            NpuFusedOps().rotary(torch.tensor([1, 2]), q, k, _rope_cache(32, 8, base), 32)
+            positions, cache = torch.tensor([1, 2]), _rope_cache(32, 8, base)
+            # a leftover cache of the other base would be refused ("first cos/sin cache") instead
+            qr, kr = NpuFusedOps().rotary(positions, q, k, cache, 32)
+            torch.testing.assert_close(qr.double(), _ref_neox(q, positions, cache, 32), atol=3e-2, rtol=3e-2)
+            torch.testing.assert_close(kr.double(), _ref_neox(k, positions, cache, 32), atol=3e-2, rtol=3e-2)
         finally:
             uninstall()
 
