@@ -128,3 +128,23 @@ def one_intra_op_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def set_cpu_kernels(enabled: bool) -> None:
+    """Turn the AVX-512 CPU kernels on or off for engines built from now on (the plain-torch ops are their twins)."""
+    from npu_infer.platform import cpu_kernels
+    if enabled:
+        os.environ.pop("NPU_INFER_CPU_KERNELS", None)
+    else:
+        os.environ["NPU_INFER_CPU_KERNELS"] = "0"
+    cpu_kernels.load.cache_clear()
+
+
+@pytest.fixture(scope="module", params=["cpu-kernels", "plain-torch"])
+def cpu_op_path(request):
+    """Runs a module's tests twice: through the AVX-512 kernels (where this CPU has them), then plain torch only."""
+    set_cpu_kernels(request.param == "cpu-kernels")
+    try:
+        yield request.param
+    finally:
+        set_cpu_kernels(True)

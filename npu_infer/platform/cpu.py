@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from npu_infer.platform import cpu_kernels
 from npu_infer.platform.interface import Platform
 
 _DEFAULT_KV_CAP = 4 * 1024**3  # like vLLM-CPU's VLLM_CPU_KVCACHE_SPACE default; the host also runs the OS
@@ -83,14 +84,31 @@ class CpuPlatform(Platform):
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
     def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
-        """Pack bf16 linear weights into oneDNN's blocked layout once (1.4-1.6x faster GEMMs here)."""
+        """Pack bf16 linear weights once: oneDNN's blocked layout (1.4-1.6x faster GEMMs here) and, with the
+        AVX-512 kernels, the decode GEMV's layout (1.6x faster again at batch 1)."""
         if dtype != torch.bfloat16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return
         if os.environ.get("NPU_INFER_CPU_PACK_WEIGHTS", "1") == "0":
             return
+        from npu_infer.platform.cpu_linear import CpuPackedLinear
+        kernels = cpu_kernels.load()
         for module in model.modules():
-            if hasattr(module, "packed_weight") and getattr(module, "weight", None) is not None:
-                module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
+            if hasattr(module, "platform_matmul") and getattr(module, "weight", None) is not None:
+                module.platform_matmul = CpuPackedLinear(module.weight.detach(), kernels)
+
+    def attention_backend(self):
+        kernels = cpu_kernels.load()
+        if kernels is None:
+            return super().attention_backend()
+        from npu_infer.platform.cpu_attention import CpuAttentionBackend
+        return CpuAttentionBackend(kernels)
+
+    def fused_ops(self):
+        kernels = cpu_kernels.load()
+        if kernels is None:
+            return super().fused_ops()
+        from npu_infer.platform.cpu_ops import CpuOps
+        return CpuOps(kernels)
 
     def default_kv_cache_cap(self) -> int | None:
         return int(os.environ.get("NPU_INFER_CPU_KV_CACHE_CAP", _DEFAULT_KV_CAP))

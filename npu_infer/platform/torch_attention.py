@@ -31,12 +31,11 @@ class TorchAttentionBackend:
         v = v.view(num_tokens, num_kv_heads, head_dim)
         has_cache = kv_cache.numel() > 0
         if has_cache:
-            key_cache = kv_cache[0].view(num_kv_heads, -1, head_dim)  # [KVH, slots, D]
-            value_cache = kv_cache[1].view(num_kv_heads, -1, head_dim)
-            key_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-            value_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-        out = torch.empty_like(q)
+            self._write_cache(k, v, kv_cache, meta)
         nd = meta.num_decodes if has_cache else 0  # profile_run has no cache: everything is a fresh prefill
+        if nd == num_tokens:
+            return self._decode(q, kv_cache, meta, scale, num_kv_heads).view(num_tokens, num_heads * head_dim)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], kv_cache, meta, scale, num_kv_heads)
         start, i = nd, nd
@@ -62,6 +61,15 @@ class TorchAttentionBackend:
                 i += 1
             start = end
         return out.view(num_tokens, num_heads * head_dim)
+
+    @staticmethod
+    def _write_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        """k/v [T, KVH, D] into their slots of the cache."""
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        key_cache = kv_cache[0].view(num_kv_heads, -1, head_dim)  # [KVH, slots, D]
+        value_cache = kv_cache[1].view(num_kv_heads, -1, head_dim)
+        key_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        value_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
     @staticmethod
     def _prefill_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, scale: float,

@@ -1,5 +1,7 @@
 """The engine against transformers on tiny random Llama / Qwen2 checkpoints: same greedy tokens, same logprobs,
-also with chunked prefill, forced preemption and prefix caching — and the block pool is whole afterwards."""
+also with chunked prefill, forced preemption and prefix caching — and the block pool is whole afterwards.
+
+Every test runs twice (the `cpu_op_path` fixture): through the AVX-512 CPU kernels, and through plain torch ops."""
 from __future__ import annotations
 
 import pytest
@@ -48,6 +50,11 @@ def assert_pool_whole(llm: LLM) -> None:
     assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _both_op_paths(cpu_op_path):
+    return cpu_op_path
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model_and_reference(request, tiny_llama_dir, tiny_qwen2_dir):
     model_dir = tiny_llama_dir if request.param == "llama" else tiny_qwen2_dir
@@ -74,8 +81,9 @@ def test_equal_length_prefills_batched_match_transformers(model_and_reference):
     assert_pool_whole(llm)
 
 
-def test_many_decodes_take_the_matmul_path_and_match_transformers(model_and_reference):
-    """From MATMUL_DECODE_MIN_BATCH decoding sequences on, decode attention is two batched matmuls, not SDPA."""
+def test_many_decodes_match_transformers(model_and_reference):
+    """Plain torch: from MATMUL_DECODE_MIN_BATCH decoding sequences on, decode attention is two batched matmuls, not
+    SDPA. With the CPU kernels: decode_attention over 10 sequences, split across both threads."""
     from npu_infer.platform.torch_attention import MATMUL_DECODE_MIN_BATCH
     model_dir, _, _ = model_and_reference
     prompts = random_prompts(256, lens=(3, 9, 14, 20, 5, 27, 11, 16, 8, 30), seed=5)

@@ -40,7 +40,7 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocabulary slice, gathered so every rank sees the whole vocabulary."""
 
-    packed_weight: torch.Tensor | None = None
+    platform_matmul = None  # as LinearBase.platform_matmul
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self, None)

@@ -1,6 +1,8 @@
 """Linear layers already shaped for tensor parallelism: each knows how to slice its shard while loading."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,8 +17,9 @@ def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 
 
 class LinearBase(nn.Module):
-    # Set by the platform after loading when it has a faster weight layout (oneDNN-packed bf16 on CPU).
-    packed_weight: torch.Tensor | None = None
+    # Set by the platform after loading when it has a faster kernel for this weight: (x, bias) -> x @ W.T + bias
+    # (on CPU: bf16 weights packed for oneDNN and for the decode GEMV, platform/cpu_linear.py).
+    platform_matmul: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
         super().__init__()
@@ -39,9 +42,9 @@ class LinearBase(nn.Module):
 
 
 def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ layer.weight.T + bias, through the packed weight when the platform made one."""
-    if layer.packed_weight is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
+    """x @ layer.weight.T + bias, through the platform's kernel when it set one."""
+    if layer.platform_matmul is not None:
+        return layer.platform_matmul(x, bias)
     return F.linear(x, layer.weight, bias)
 
 

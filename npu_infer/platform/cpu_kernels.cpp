@@ -1,0 +1,412 @@
+// AVX-512 kernels for the CPU backend's decode path: the few ops where plain torch pays for dispatch,
+// extra passes over memory or a gather copy. Built on first use by npu_infer/platform/cpu_kernels.py
+// (needs AVX-512 F/BW/VL and AVX512_BF16); every op has a plain-torch twin that the tests compare against.
+//
+// Tensors: bf16 or fp32, row-major. Accumulation is fp32 everywhere; bf16 results are rounded once
+// (round to nearest even), except where a comment says the torch twin rounds an intermediate too.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16_masked(const bf16* p, __mmask16 m) {
+  __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+inline void store16_masked(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16_masked(bf16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+// The value a bf16 tensor would hold: rounds fp32 lanes to bf16 precision (identity for fp32).
+template <typename T> inline __m512 round_like(__m512 v) { return v; }
+template <> inline __m512 round_like<bf16>(__m512 v) {
+  __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// exp(x) for x <= 88: 2^n * p(r) with r = x - n ln2 (Cephes' expf polynomial, ~1 ulp).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp underflows to 0 below this
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Which instantiation runs a tensor: bf16 or fp32, anything else refused.
+inline bool is_bf16(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat,
+              "CPU kernels take bfloat16 or float32 tensors, not ", t.scalar_type());
+  return t.scalar_type() == at::kBFloat16;
+}
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// ---------------------------------------------------------------------------------------------------
+// RMSNorm, optionally after `residual += x` (written back to residual). As transformers' LlamaRMSNorm:
+// normalise in fp32, round to the input dtype, then scale by the weight in that dtype.
+template <typename T>
+void rms_norm_impl(const at::Tensor& out, const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                   const at::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  T* rp = residual ? residual->data_ptr<T>() : nullptr;
+  const T* wp = weight.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t xs = x.stride(0), rs = residual ? residual->stride(0) : 0;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* src = xp + i * xs;
+      T* res = rp ? rp + i * rs : nullptr;
+      __m512 ss = _mm512_setzero_ps();
+      for (int64_t c = 0; c < hidden; c += 16) {
+        __mmask16 m = tail_mask(hidden - c);
+        __m512 v = load16_masked(src + c, m);
+        if (res) {
+          v = round_like<T>(_mm512_add_ps(v, load16_masked(res + c, m)));
+          store16_masked(res + c, v, m);
+        }
+        ss = _mm512_fmadd_ps(v, v, ss);
+      }
+      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / hidden + static_cast<float>(eps));
+      const __m512 scale = _mm512_set1_ps(inv);
+      const T* normed = res ? res : src;
+      T* dst = op + i * hidden;
+      for (int64_t c = 0; c < hidden; c += 16) {
+        __mmask16 m = tail_mask(hidden - c);
+        __m512 y = round_like<T>(_mm512_mul_ps(load16_masked(normed + c, m), scale));
+        store16_masked(dst + c, _mm512_mul_ps(y, load16_masked(wp + c, m)), m);
+      }
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
+                    double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && weight.is_contiguous() && weight.numel() == x.size(1) &&
+              weight.scalar_type() == x.scalar_type(), "rms_norm: x [rows, hidden] with unit column stride, weight [hidden]");
+  TORCH_CHECK(!residual || (residual->sizes() == x.sizes() && residual->stride(1) == 1 &&
+              residual->scalar_type() == x.scalar_type()), "rms_norm: residual must match x");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (is_bf16(x)) rms_norm_impl<bf16>(out, x, residual, weight, eps);
+  else rms_norm_impl<float>(out, x, residual, weight, eps);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// SiLU(gate) * up on [rows, 2 * I] (gate first). Rounds silu to the dtype before the product, as torch does.
+template <typename T>
+void silu_and_mul_impl(const at::Tensor& out, const at::Tensor& x) {
+  const int64_t rows = x.size(0), inter = x.size(1) / 2;
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* gate = xp + i * x.stride(0);
+      const T* up = gate + inter;
+      for (int64_t c = 0; c < inter; c += 16) {
+        __mmask16 m = tail_mask(inter - c);
+        __m512 g = load16_masked(gate + c, m);
+        __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        store16_masked(op + i * inter + c, _mm512_mul_ps(round_like<T>(s), load16_masked(up + c, m)), m);
+      }
+    }
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "silu_and_mul: x [rows, 2 * I]");
+  at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  if (is_bf16(x)) silu_and_mul_impl<bf16>(out, x);
+  else silu_and_mul_impl<float>(out, x);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Neox rotary in place on the first `rot_heads` heads of each row of qkv [T, heads * D] (q then k),
+// with cos_sin [max_pos, D] fp32 (cos half, then sin half). Computed in fp32, rounded once.
+template <typename T>
+void rotary_impl(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos_sin, int64_t rot_heads,
+                 int64_t head_dim) {
+  const int64_t tokens = qkv.size(0), half = head_dim / 2;
+  T* base = qkv.data_ptr<T>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* table = cos_sin.data_ptr<float>();
+  const int64_t max_pos = cos_sin.size(0);
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "rotary_: position ", pos[t], " outside the table");
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* cosp = table + pos[t] * head_dim;
+      const float* sinp = cosp + half;
+      T* row = base + t * qkv.stride(0);
+      for (int64_t h = 0; h < rot_heads; ++h) {
+        T* x1 = row + h * head_dim;
+        T* x2 = x1 + half;
+        for (int64_t c = 0; c < half; c += 16) {
+          __mmask16 m = tail_mask(half - c);
+          __m512 a = load16_masked(x1 + c, m), b = load16_masked(x2 + c, m);
+          __m512 cs = load16_masked(cosp + c, m), sn = load16_masked(sinp + c, m);
+          store16_masked(x1 + c, _mm512_fmsub_ps(a, cs, _mm512_mul_ps(b, sn)), m);
+          store16_masked(x2 + c, _mm512_fmadd_ps(b, cs, _mm512_mul_ps(a, sn)), m);
+        }
+      }
+    }
+  });
+}
+
+void rotary_(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos_sin, int64_t rot_heads,
+             int64_t head_dim) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) >= rot_heads * head_dim &&
+              positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == qkv.size(0) &&
+              cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() && cos_sin.size(1) == head_dim,
+              "rotary_: qkv [T, >= heads * D], positions [T] int64, cos_sin [max_pos, D] float32");
+  if (is_bf16(qkv)) rotary_impl<bf16>(qkv, positions, cos_sin, rot_heads, head_dim);
+  else rotary_impl<float>(qkv, positions, cos_sin, rot_heads, head_dim);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Paged KV cache, head-major: cache [2, KVH, blocks, block_size, D]. Writes k/v rows [T, KVH * D] (row
+// stride free) at slot_mapping (block * block_size + offset; negative = skip).
+template <typename T>
+void cache_write_impl(const at::Tensor& k, const at::Tensor& v, const at::Tensor& cache, const at::Tensor& slots) {
+  const int64_t tokens = k.size(0), kv_heads = cache.size(1), head_dim = cache.size(4);
+  const int64_t head_stride = cache.stride(1), v_offset = cache.stride(0);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* cp = cache.data_ptr<T>();
+  const size_t bytes = head_dim * sizeof(T);
+  at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (sp[t] < 0) continue;
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        T* dst = cp + h * head_stride + sp[t] * head_dim;
+        std::memcpy(dst, kp + t * k.stride(0) + h * head_dim, bytes);
+        std::memcpy(dst + v_offset, vp + t * v.stride(0) + h * head_dim, bytes);
+      }
+    }
+  });
+}
+
+void cache_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& cache, const at::Tensor& slots) {
+  TORCH_CHECK(cache.is_contiguous() && k.stride(1) == 1 && v.stride(1) == 1 && slots.scalar_type() == at::kLong &&
+              k.scalar_type() == cache.scalar_type() && v.scalar_type() == cache.scalar_type(), "cache_write: bad arguments");
+  if (is_bf16(cache)) cache_write_impl<bf16>(k, v, cache, slots);
+  else cache_write_impl<float>(k, v, cache, slots);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Decode attention straight from the paged cache: one query token per sequence, q [B, H, D] (row stride
+// free), block_tables [B, max_blocks] int32, seq_lens [B] int32. One work item per (sequence, KV head):
+// its H/KVH query heads score every cached token (fp32), softmax in fp32, then weight V. No gather copy.
+template <typename T, int NC>  // NC = head_dim / 16
+void decode_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  constexpr int64_t D = NC * 16;
+  const int64_t batch = q.size(0), heads = q.size(1), kv_heads = cache.size(1), block_size = cache.size(3);
+  const int64_t group = heads / kv_heads;
+  const int64_t head_stride = cache.stride(1), v_offset = cache.stride(0);
+  const T* qp = q.data_ptr<T>();
+  const T* cp = cache.data_ptr<T>();
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t bt_stride = block_tables.stride(0), q_stride = q.stride(0);
+  const float fscale = static_cast<float>(scale);
+  // Few items (batch 1): no point waking a second thread for microseconds of work on short contexts.
+  int64_t total = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] > 0 && lens[b] <= block_tables.size(1) * block_size, "decode_attention: bad sequence length");
+    total += lens[b];
+  }
+  const int64_t grain = total * kv_heads < 4096 ? batch * kv_heads : 1;
+  at::parallel_for(0, batch * kv_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / kv_heads, h = item % kv_heads, len = lens[b];
+      const int64_t padded = (len + 15) / 16 * 16;
+      scores.assign(group * padded, -INFINITY);
+      const T* kbase = cp + h * head_stride;
+      const int32_t* table = bt + b * bt_stride;
+      __m512 qv[8][NC];  // groups above 8 run in chunks of 8
+      for (int64_t g0 = 0; g0 < group; g0 += 8) {
+        const int64_t gn = std::min<int64_t>(8, group - g0);
+        for (int64_t g = 0; g < gn; ++g)
+          for (int c = 0; c < NC; ++c) qv[g][c] = load16(qp + b * q_stride + (h * group + g0 + g) * D + c * 16);
+        for (int64_t t = 0; t < len; ++t) {
+          const T* kt = kbase + (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * D;
+          __m512 kv[NC];
+          for (int c = 0; c < NC; ++c) kv[c] = load16(kt + c * 16);
+          for (int64_t g = 0; g < gn; ++g) {
+            __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
+            for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
+            scores[(g0 + g) * padded + t] = _mm512_reduce_add_ps(acc) * fscale;
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * padded;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < padded; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + t));
+        const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < padded; t += 16) {
+          __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), vmax));  // padding: exp(-inf) -> 0
+          _mm512_storeu_ps(s + t, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+        __m512 acc[NC];
+        for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
+        const T* vbase = kbase + v_offset;
+        for (int64_t t = 0; t < len; ++t) {
+          const T* vt = vbase + (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * D;
+          const __m512 p = _mm512_set1_ps(s[t]);
+          for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vt + c * 16), acc[c]);
+        }
+        T* dst = op + (b * heads + h * group + g) * D;
+        for (int c = 0; c < NC; ++c) store16(dst + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+      }
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) && cache.is_contiguous() &&
+              block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+              block_tables.stride(1) == 1 && seq_lens.is_contiguous() && q.scalar_type() == cache.scalar_type(),
+              "decode_attention: bad arguments");
+  TORCH_CHECK(q.size(1) % cache.size(1) == 0, "decode_attention: heads must be a multiple of KV heads");
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const int64_t d = q.size(2);
+  const bool bf16_q = is_bf16(q);
+#define NPU_INFER_DECODE(NC)                                                                        \
+  if (d == NC * 16) {                                                                               \
+    if (bf16_q) decode_attention_impl<bf16, NC>(out, q, cache, block_tables, seq_lens, scale);     \
+    else decode_attention_impl<float, NC>(out, q, cache, block_tables, seq_lens, scale);            \
+    return out;                                                                                     \
+  }
+  NPU_INFER_DECODE(1) NPU_INFER_DECODE(2) NPU_INFER_DECODE(4) NPU_INFER_DECODE(6) NPU_INFER_DECODE(8) NPU_INFER_DECODE(16)
+#undef NPU_INFER_DECODE
+  TORCH_CHECK(false, "decode_attention: head_dim ", d, " is not one of 16, 32, 64, 96, 128, 256");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// bf16 linear for a few rows (decode): y [M, N] = x [M, K] @ W^T + bias, W pre-packed by pack_linear into
+// [ceil(N / 64), K / 2, 64, 2]: for each 64-row panel, consecutive pairs of K. One AVX512_BF16 dot-product
+// instruction then adds x[m, 2k..2k+1] . W[n, 2k..2k+1] for 16 rows n at once, with no horizontal sums,
+// and each thread streams one contiguous stretch of the weights (the GEMV is memory-bound).
+at::Tensor pack_linear(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.size(1) % 2 == 0,
+              "pack_linear: weight [N, K] bf16 with even K");
+  const int64_t n = weight.size(0), k = weight.size(1), panels = (n + 63) / 64;
+  at::Tensor padded = at::zeros({panels * 64, k}, weight.options());
+  padded.narrow(0, 0, n).copy_(weight);
+  // [P, 64, K/2, 2] -> [P, K/2, 64, 2]
+  return padded.view({panels, 64, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+constexpr int kMaxRowsPerPass = 4;
+
+template <int M>
+inline void gemv_panel(const bf16* panel, const int32_t* x, int64_t x_stride, int64_t kpairs, float* acc_out) {
+  __m512 acc[M][4];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  const bf16* w = panel;
+  for (int64_t kp = 0; kp < kpairs; ++kp, w += 128) {
+    // Ahead into L2 (32 KiB on): measured 5-10% over the hardware prefetcher alone on a 2-core EPYC.
+    const char* ahead = reinterpret_cast<const char*>(w + 128 * 128);
+    for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
+    __m512bh wv[4];
+    for (int j = 0; j < 4; ++j)
+      wv[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + j * 32));
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(x[m * x_stride + kp]));
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xb);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc_out + m * 64 + j * 16, acc[m][j]);
+}
+
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                         const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
+              packed.size(1) * 2 == x.size(1), "linear_packed: x [M, K] bf16 contiguous, packed from an [N, K] weight");
+  const int64_t rows = x.size(0), kpairs = packed.size(1), panels = packed.size(0);
+  at::Tensor out = at::empty({rows, n}, x.options());
+  const int32_t* xp = reinterpret_cast<const int32_t*>(x.data_ptr<bf16>());
+  const bf16* wp = packed.data_ptr<bf16>();
+  const bf16* bp = bias ? bias->data_ptr<bf16>() : nullptr;
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    float acc[kMaxRowsPerPass * 64];
+    for (int64_t p = begin; p < end; ++p) {
+      const bf16* panel = wp + p * kpairs * 128;
+      const int64_t valid = std::min<int64_t>(64, n - p * 64);
+      for (int64_t m0 = 0; m0 < rows; m0 += kMaxRowsPerPass) {  // later passes find the panel in cache
+        const int64_t mr = std::min<int64_t>(kMaxRowsPerPass, rows - m0);
+        const int32_t* xr = xp + m0 * kpairs;
+        switch (mr) {
+          case 1: gemv_panel<1>(panel, xr, kpairs, kpairs, acc); break;
+          case 2: gemv_panel<2>(panel, xr, kpairs, kpairs, acc); break;
+          case 3: gemv_panel<3>(panel, xr, kpairs, kpairs, acc); break;
+          default: gemv_panel<4>(panel, xr, kpairs, kpairs, acc); break;
+        }
+        for (int64_t m = 0; m < mr; ++m) {
+          bf16* dst = op + (m0 + m) * n + p * 64;
+          for (int64_t j = 0; j < 64; j += 16) {
+            if (j >= valid) break;
+            __mmask16 mask = tail_mask(valid - j);
+            __m512 y = _mm512_loadu_ps(acc + m * 64 + j);
+            // Like F.linear: the bias is added to the fp32 accumulator before the one rounding.
+            if (bp) y = _mm512_add_ps(y, load16_masked(bp + p * 64 + j, mask));
+            store16_masked(dst + j, y, mask);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x (in place)");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("rotary_", &rotary_, "neox rotary in place on the leading heads of a fused QKV row");
+  m.def("cache_write", &cache_write, "write k/v rows into the head-major paged cache");
+  m.def("decode_attention", &decode_attention, "one-token attention straight from the paged cache");
+  m.def("pack_linear", &pack_linear, "pack an [N, K] bf16 weight for linear_packed");
+  m.def("linear_packed", &linear_packed, "bf16 x @ W^T (+ bias) for a few rows, from a packed weight");
+}

@@ -1,0 +1,180 @@
+"""The AVX-512 CPU kernels (npu_infer/platform/cpu_kernels.cpp) against their plain-torch twins, op by op.
+
+fp32 must agree to fp32 rounding; bf16 to one bf16 rounding step (the kernels round once where torch rounds
+some intermediates too). Skipped only on a CPU without AVX-512 BF16; where the CPU has it, the build must work."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from npu_infer.platform import cpu_kernels
+from npu_infer.platform.torch_attention import TorchAttentionBackend
+from npu_infer.platform.torch_ops import TorchOps
+from npu_infer.worker.context import AttentionMetadata
+
+HAS_FLAGS = all(f in cpu_kernels._cpu_flags() for f in cpu_kernels.REQUIRED_FLAGS)
+pytestmark = pytest.mark.skipif(not HAS_FLAGS, reason="this CPU lacks AVX-512 BF16: the kernels are never used here")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return cpu_kernels.load()
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # one bf16 step (2^-8 relative) of the larger magnitude
+        scale = want.float().abs().amax().clamp(min=1.0).item()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7 * scale)
+
+
+def test_kernels_build_where_the_cpu_can_run_them(kernels):
+    assert kernels is not None, "the CPU has AVX-512 BF16 but the kernels did not build: see the warning logged"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (7, 100), (33, 64)])
+def test_rms_norm_and_residual_add(kernels, dtype, rows, hidden):
+    from npu_infer.platform.cpu_ops import CpuOps
+    g = torch.Generator().manual_seed(rows)
+    x, residual = (torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(2))
+    weight = torch.randn(hidden, generator=g).to(dtype)
+    close(CpuOps(kernels).rms_norm(x, weight, 1e-6), TorchOps().rms_norm(x, weight, 1e-6), dtype)
+    want, want_residual = TorchOps().add_rms_norm(x, residual.clone(), weight, 1e-6)
+    mine = residual.clone()
+    got, got_residual = CpuOps(kernels).add_rms_norm(x, mine, weight, 1e-6)
+    assert got_residual.data_ptr() == mine.data_ptr()  # updated in place
+    torch.testing.assert_close(got_residual, want_residual, rtol=0, atol=0)  # one rounding on both sides
+    close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (5, 40)])
+def test_silu_and_mul(kernels, dtype, rows, inter):
+    from npu_infer.platform.cpu_ops import CpuOps
+    x = (torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    close(CpuOps(kernels).silu_and_mul(x), TorchOps().silu_and_mul(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 80)])
+def test_rotary_in_place_on_fused_qkv(kernels, dtype, heads, kv_heads, head_dim):
+    from npu_infer.models.layers.rotary import RotaryEmbedding
+    from npu_infer.platform.cpu_ops import CpuOps
+    table = RotaryEmbedding(head_dim, 4096, 10000.0).cos_sin_cache
+    positions = torch.tensor([0, 1, 17, 900, 4095])
+    qkv = torch.randn(5, (heads + 2 * kv_heads) * head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    q_want, k_want = TorchOps().rotary(positions, *qkv.clone().split(sizes, -1)[:2], table, head_dim)
+    mine = qkv.clone()
+    q, k, v = mine.split(sizes, -1)
+    q_got, k_got = CpuOps(kernels).rotary(positions, q, k, table, head_dim)
+    assert q_got.data_ptr() == mine.data_ptr()  # rotated where it lay
+    close(q_got, q_want, dtype)
+    close(k_got, k_want, dtype)
+    assert torch.equal(v, qkv.split(sizes, -1)[2])  # v untouched
+
+
+def test_rotary_refuses_a_position_past_its_table(kernels):
+    qkv = torch.randn(1, 128)
+    with pytest.raises(RuntimeError, match="outside the table"):
+        kernels.rotary_(qkv, torch.tensor([64]), torch.randn(64, 64), 2, 64)
+
+
+def _paged_case(batch_lens: list[int], kv_heads: int, head_dim: int, dtype, block_size=16, num_blocks=64, seed=0):
+    """A random cache with shuffled block tables, and one new token per sequence (decode)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    max_blocks = max(-(-n // block_size) for n in batch_lens)
+    tables = torch.zeros(len(batch_lens), max_blocks, dtype=torch.int32)
+    slots = []
+    for i, n in enumerate(batch_lens):
+        ids = [order.pop() for _ in range(-(-n // block_size))]
+        tables[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        slots.append(ids[(n - 1) // block_size] * block_size + (n - 1) % block_size)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=torch.arange(len(batch_lens) + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(batch_lens, dtype=torch.int32), block_tables=tables,
+        query_lens_cpu=[1] * len(batch_lens), seq_lens_cpu=list(batch_lens), num_decodes=len(batch_lens),
+        num_decode_tokens=len(batch_lens), max_query_len=1, max_seq_len=max(batch_lens), block_size=block_size)
+    return cache, meta, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens,heads,kv_heads,head_dim", [
+    ([1, 16, 17, 100], 9, 3, 64),   # SmolLM2's heads; lengths at and across block edges
+    ([40], 4, 4, 128),              # no GQA, batch 1
+    ([5, 33, 64, 2, 80, 47, 9, 16, 31, 70], 16, 1, 32),  # 16 query heads per KV head (two groups of 8), 10 seqs
+])
+def test_decode_attention_and_cache_write_equal_the_torch_path(kernels, dtype, lens, heads, kv_heads, head_dim):
+    from npu_infer.platform.cpu_attention import CpuAttentionBackend
+    cache, meta, g = _paged_case(lens, kv_heads, head_dim, dtype)
+    qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    scale = head_dim ** -0.5
+    want_cache, got_cache = cache.clone(), cache.clone()
+    want = TorchAttentionBackend().forward(q, k, v, want_cache, meta, scale, heads, kv_heads, head_dim)
+    got = CpuAttentionBackend(kernels).forward(q, k, v, got_cache, meta, scale, heads, kv_heads, head_dim)
+    assert torch.equal(got_cache, want_cache)  # the same slots written, nothing else touched
+    close(got, want, dtype)
+
+
+def test_decode_attention_refuses_what_it_cannot_read(kernels):
+    cache, meta, _ = _paged_case([20], 2, 64, torch.float32)
+    q = torch.randn(1, 4, 64)
+    with pytest.raises(RuntimeError, match="bad sequence length"):  # longer than its block table
+        kernels.decode_attention(q, cache, meta.block_tables, torch.tensor([33], dtype=torch.int32), 0.1)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        kernels.decode_attention(q.half(), cache.half(), meta.block_tables, meta.seq_lens, 0.1)
+
+
+@pytest.mark.parametrize("n,k", [(960, 576), (100, 34), (64, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_equals_f_linear(kernels, n, k, bias):
+    """The packed bf16 GEMV for 1..8 rows, and oneDNN above that, against F.linear computed in fp32."""
+    from npu_infer.platform.cpu_linear import GEMV_MAX_ROWS, CpuPackedLinear
+    g = torch.Generator().manual_seed(n + k)
+    weight = (torch.randn(n, k, generator=g) / math.sqrt(k)).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    layer = CpuPackedLinear(weight, kernels)
+    for rows in (1, 2, 3, 4, 5, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1):
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        want = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        got = layer(x, b)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        close(got, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_engine_through_the_kernels_is_as_accurate_as_plain_torch(arch, tiny_llama_dir, tiny_qwen2_dir):
+    """bf16 end to end, prompt prefilled 8 tokens a step (so the linears take the decode GEMV): our prompt
+    logprobs against transformers' fp32 forward, with the kernels and without; the kernels may not be less exact."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import set_cpu_kernels
+    from npu_infer import LLM, SamplingParams
+    model_dir = tiny_llama_dir if arch == "llama" else tiny_qwen2_dir
+    prompt = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(torch.tensor([prompt]))
+    ref_logprobs = ref.logits[0].log_softmax(-1)
+    errors = {}
+    for path in ("cpu-kernels", "plain-torch"):
+        set_cpu_kernels(path == "cpu-kernels")
+        try:
+            llm = LLM(str(model_dir), device="cpu", dtype="bfloat16", kv_cache_memory="8MiB", skip_tokenizer_init=True,
+                      max_model_len=256, max_num_batched_tokens=8, max_num_seqs=4)
+            out = llm.generate([{"prompt_token_ids": prompt}],
+                               SamplingParams(max_tokens=1, prompt_logprobs=3, temperature=0))[0]
+        finally:
+            set_cpu_kernels(True)
+        errors[path] = max(abs(lp.logprob - ref_logprobs[pos - 1, token].item())
+                           for pos in range(1, len(prompt)) for token, lp in out.prompt_logprobs[pos].items())
+    assert errors["plain-torch"] < 0.15, errors  # bf16 noise on a random model
+    assert errors["cpu-kernels"] <= 1.5 * errors["plain-torch"] + 0.01, errors
