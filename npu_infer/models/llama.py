@@ -14,6 +14,7 @@ from npu_infer.models.layers.embedding import ParallelLMHead, VocabParallelEmbed
 from npu_infer.models.layers.layernorm import RMSNorm
 from npu_infer.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from npu_infer.models.layers.rotary import RotaryEmbedding
+from npu_infer.worker.context import get_context
 
 
 def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
@@ -86,6 +87,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # Set by the platform after loading when it runs whole decode steps natively (CPU: cpu_decode_stack.py).
+    platform_decode = None
+
     def __init__(self, config, qkv_bias: bool):
         super().__init__()
         pp = get_pp_group()
@@ -99,8 +103,12 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, hidden=None, residual=None):
         if hidden is None:
             hidden = self.embed_tokens(input_ids)
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden, residual = layer(positions, hidden, residual)
+        fused = self.platform_decode
+        if fused is not None and residual is None and fused.accepts(hidden, get_context()):
+            hidden, residual = fused(hidden, positions, get_context())
+        else:
+            for layer in self.layers[self.start_layer:self.end_layer]:
+                hidden, residual = layer(positions, hidden, residual)
         if self.norm is None:
             return hidden, residual  # handed to the next pipeline stage
         hidden, _ = self.norm(hidden, residual)

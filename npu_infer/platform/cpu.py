@@ -92,9 +92,16 @@ class CpuPlatform(Platform):
             return
         from npu_infer.platform.cpu_linear import CpuPackedLinear
         kernels = cpu_kernels.load()
+        from npu_infer.models.layers.embedding import ParallelLMHead
         for module in model.modules():
             if hasattr(module, "platform_matmul") and getattr(module, "weight", None) is not None:
-                module.platform_matmul = CpuPackedLinear(module.weight.detach(), kernels)
+                module.platform_matmul = CpuPackedLinear(module.weight.detach(), kernels,
+                                                         logits=isinstance(module, ParallelLMHead))
+        from npu_infer.platform.cpu_decode_stack import CpuDecodeStack
+        stack = getattr(model, "model", None)
+        if (kernels is not None and os.environ.get("NPU_INFER_CPU_DECODE_STACK", "1") != "0"
+                and hasattr(stack, "platform_decode") and CpuDecodeStack.supports(stack, dtype)):
+            stack.platform_decode = CpuDecodeStack(stack, kernels)
 
     def attention_backend(self):
         kernels = cpu_kernels.load()

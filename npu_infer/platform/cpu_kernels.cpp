@@ -358,16 +358,14 @@ inline void gemv_panel(const bf16* panel, const int32_t* x, int64_t x_stride, in
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc_out + m * 64 + j * 16, acc[m][j]);
 }
 
-at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n,
-                         const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
-              packed.size(1) * 2 == x.size(1), "linear_packed: x [M, K] bf16 contiguous, packed from an [N, K] weight");
+template <typename Out>
+void linear_packed_impl(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                        const c10::optional<at::Tensor>& bias) {
   const int64_t rows = x.size(0), kpairs = packed.size(1), panels = packed.size(0);
-  at::Tensor out = at::empty({rows, n}, x.options());
   const int32_t* xp = reinterpret_cast<const int32_t*>(x.data_ptr<bf16>());
   const bf16* wp = packed.data_ptr<bf16>();
   const bf16* bp = bias ? bias->data_ptr<bf16>() : nullptr;
-  bf16* op = out.data_ptr<bf16>();
+  Out* op = out.data_ptr<Out>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     float acc[kMaxRowsPerPass * 64];
     for (int64_t p = begin; p < end; ++p) {
@@ -383,7 +381,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
           default: gemv_panel<4>(panel, xr, kpairs, kpairs, acc); break;
         }
         for (int64_t m = 0; m < mr; ++m) {
-          bf16* dst = op + (m0 + m) * n + p * 64;
+          Out* dst = op + (m0 + m) * n + p * 64;
           for (int64_t j = 0; j < 64; j += 16) {
             if (j >= valid) break;
             __mmask16 mask = tail_mask(valid - j);
@@ -396,8 +394,75 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
       }
     }
   });
+}
+
+// fp32_out: keep the fp32 accumulator (logits: bf16 would round them to steps of 1/8 near 20, making ties).
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                         const c10::optional<at::Tensor>& bias, bool fp32_out) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
+              packed.size(1) * 2 == x.size(1) && packed.size(0) * 64 >= n,
+              "linear_packed: x [M, K] bf16 contiguous, packed from an [N, K] weight");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n),
+              "linear_packed: bias [N] bf16");
+  at::Tensor out = at::empty({x.size(0), n}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
+  if (fp32_out) linear_packed_impl<float>(out, x, packed, n, bias);
+  else linear_packed_impl<bf16>(out, x, packed, n, bias);
   return out;
 }
+
+// ---------------------------------------------------------------------------------------------------
+// A Llama / Qwen2 decoder stack for pure decode steps, run layer after layer in C++ with the kernels above:
+// the same calls in the same order as the Python layers make through CpuOps / CpuAttentionBackend /
+// CpuPackedLinear (so the same bits out), minus ~100 us of Python and dispatch per layer.
+class DecodeStack {
+ public:
+  DecodeStack(std::vector<at::Tensor> input_norms, std::vector<at::Tensor> post_norms, std::vector<at::Tensor> qkv,
+              std::vector<c10::optional<at::Tensor>> qkv_bias, std::vector<at::Tensor> o_proj,
+              std::vector<c10::optional<at::Tensor>> o_bias, std::vector<at::Tensor> gate_up,
+              std::vector<at::Tensor> down, int64_t hidden, int64_t inter, int64_t heads, int64_t kv_heads,
+              int64_t head_dim, double eps, double scale, at::Tensor cos_sin)
+      : input_norms_(std::move(input_norms)), post_norms_(std::move(post_norms)), qkv_(std::move(qkv)),
+        qkv_bias_(std::move(qkv_bias)), o_proj_(std::move(o_proj)), o_bias_(std::move(o_bias)),
+        gate_up_(std::move(gate_up)), down_(std::move(down)), hidden_(hidden), inter_(inter), heads_(heads),
+        kv_heads_(kv_heads), head_dim_(head_dim), eps_(eps), scale_(scale), cos_sin_(std::move(cos_sin)) {
+    const size_t n = input_norms_.size();
+    TORCH_CHECK(post_norms_.size() == n && qkv_.size() == n && qkv_bias_.size() == n && o_proj_.size() == n &&
+                o_bias_.size() == n && gate_up_.size() == n && down_.size() == n, "DecodeStack: one entry per layer");
+  }
+
+  // hidden [M, hidden] (the embeddings; becomes the first residual), one new token per sequence.
+  std::tuple<at::Tensor, at::Tensor> forward(at::Tensor hidden, const at::Tensor& positions,
+                                             const std::vector<at::Tensor>& caches, const at::Tensor& slots,
+                                             const at::Tensor& block_tables, const at::Tensor& seq_lens) const {
+    TORCH_CHECK(caches.size() == qkv_.size(), "DecodeStack: one KV cache per layer");
+    const int64_t rows = hidden.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
+    at::Tensor residual = hidden;
+    for (size_t i = 0; i < qkv_.size(); ++i) {
+      at::Tensor h = i == 0 ? rms_norm(hidden, c10::nullopt, input_norms_[i], eps_)
+                            : rms_norm(hidden, residual, input_norms_[i], eps_);
+      at::Tensor qkv = linear_packed(h, qkv_[i], q_size + 2 * kv_size, qkv_bias_[i], false);
+      rotary_(qkv, positions, cos_sin_, heads_ + kv_heads_, head_dim_);
+      cache_write(qkv.narrow(1, q_size, kv_size), qkv.narrow(1, q_size + kv_size, kv_size), caches[i], slots);
+      at::Tensor q = qkv.as_strided({rows, heads_, head_dim_}, {qkv.stride(0), head_dim_, 1});
+      at::Tensor attn = decode_attention(q, caches[i], block_tables, seq_lens, scale_).view({rows, q_size});
+      at::Tensor o = linear_packed(attn, o_proj_[i], hidden_, o_bias_[i], false);
+      h = rms_norm(o, residual, post_norms_[i], eps_);
+      hidden = linear_packed(silu_and_mul(linear_packed(h, gate_up_[i], 2 * inter_, c10::nullopt, false)), down_[i],
+                             hidden_, c10::nullopt, false);
+    }
+    return {hidden, residual};
+  }
+
+ private:
+  std::vector<at::Tensor> input_norms_, post_norms_, qkv_;
+  std::vector<c10::optional<at::Tensor>> qkv_bias_;
+  std::vector<at::Tensor> o_proj_;
+  std::vector<c10::optional<at::Tensor>> o_bias_;
+  std::vector<at::Tensor> gate_up_, down_;
+  int64_t hidden_, inter_, heads_, kv_heads_, head_dim_;
+  double eps_, scale_;
+  at::Tensor cos_sin_;
+};
 
 }  // namespace
 
@@ -408,5 +473,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cache_write", &cache_write, "write k/v rows into the head-major paged cache");
   m.def("decode_attention", &decode_attention, "one-token attention straight from the paged cache");
   m.def("pack_linear", &pack_linear, "pack an [N, K] bf16 weight for linear_packed");
-  m.def("linear_packed", &linear_packed, "bf16 x @ W^T (+ bias) for a few rows, from a packed weight");
+  m.def("linear_packed", &linear_packed, "bf16 x @ W^T (+ bias) from a packed weight", pybind11::arg("x"),
+        pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias"), pybind11::arg("fp32_out") = false);
+  pybind11::class_<DecodeStack>(m, "DecodeStack")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                          std::vector<c10::optional<at::Tensor>>, std::vector<at::Tensor>,
+                          std::vector<c10::optional<at::Tensor>>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, double, double, at::Tensor>())
+      .def("forward", &DecodeStack::forward, "all layers of a pure decode step: returns (hidden, residual)");
 }

@@ -137,13 +137,13 @@ def test_decode_attention_refuses_what_it_cannot_read(kernels):
 @pytest.mark.parametrize("n,k", [(960, 576), (100, 34), (64, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_linear_equals_f_linear(kernels, n, k, bias):
-    """The packed bf16 GEMV for 1..8 rows, and oneDNN above that, against F.linear computed in fp32."""
+    """The packed bf16 dot-product kernel up to GEMV_MAX_ROWS rows, and oneDNN above that, against F.linear computed in fp32."""
     from npu_infer.platform.cpu_linear import GEMV_MAX_ROWS, CpuPackedLinear
     g = torch.Generator().manual_seed(n + k)
     weight = (torch.randn(n, k, generator=g) / math.sqrt(k)).bfloat16()
     b = torch.randn(n, generator=g).bfloat16() if bias else None
     layer = CpuPackedLinear(weight, kernels)
-    for rows in (1, 2, 3, 4, 5, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1):
+    for rows in (1, 2, 3, 4, 5, 7, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1):
         x = torch.randn(rows, k, generator=g).bfloat16()
         want = F.linear(x.float(), weight.float(), None if b is None else b.float())
         got = layer(x, b)
@@ -178,3 +178,43 @@ def test_bf16_engine_through_the_kernels_is_as_accurate_as_plain_torch(arch, tin
                            for pos in range(1, len(prompt)) for token, lp in out.prompt_logprobs[pos].items())
     assert errors["plain-torch"] < 0.15, errors  # bf16 noise on a random model
     assert errors["cpu-kernels"] <= 1.5 * errors["plain-torch"] + 0.01, errors
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_stack_gives_the_python_layers_bits(arch, tiny_llama_dir, tiny_qwen2_dir, monkeypatch):
+    """Pure decode steps in one C++ call (DecodeStack) against the Python layers making the same kernel calls:
+    the same tokens and bit-identical logprobs, and the stack really ran every decode step."""
+    from npu_infer import LLM, SamplingParams
+    import npu_infer.platform as platform
+    model_dir = tiny_llama_dir if arch == "llama" else tiny_qwen2_dir
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 40)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    results, calls = {}, []
+    for stack in ("1", "0"):
+        monkeypatch.setenv("NPU_INFER_CPU_DECODE_STACK", stack)
+        platform._current = None
+        llm = LLM(str(model_dir), device="cpu", dtype="bfloat16", kv_cache_memory="8MiB", skip_tokenizer_init=True,
+                  max_model_len=256)
+        fused = llm.engine.executor.worker.model.model.platform_decode
+        assert (fused is not None) == (stack == "1")
+        if fused is not None:
+            run = fused.stack.forward
+            fused.stack = type("Counting", (), {"forward": lambda self, *a: calls.append(1) or run(*a)})()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        results[stack] = [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in step.items()}
+                                                     for step in o.outputs[0].logprobs]) for o in outs]
+    assert len(calls) == 11  # one prefill step, then 11 decode steps of all three sequences
+    assert results["1"] == results["0"]
+
+
+def test_lm_head_logits_come_out_in_fp32(kernels):
+    """The LM head keeps the fp32 accumulator for any number of rows: logits equal fp32 math, not bf16 steps."""
+    from npu_infer.platform.cpu_linear import GEMV_MAX_ROWS, CpuPackedLinear
+    g = torch.Generator().manual_seed(3)
+    weight = (torch.randn(1000, 64, generator=g) * 2).bfloat16()
+    head = CpuPackedLinear(weight, kernels, logits=True)
+    for rows in (1, GEMV_MAX_ROWS + 5):
+        x = torch.randn(rows, 64, generator=g).bfloat16()
+        got = head(x, None)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, F.linear(x.float(), weight.float()), rtol=1e-5, atol=1e-4)
