@@ -94,10 +94,18 @@ def _decode_tpot(llm, prompt: list[int], output_len: int) -> float:
 
 
 def profile_decode_step(llm, prompt: list[int], steps: int = 20) -> dict:
-    """Where one batch-1 decode step's time goes, by torch.profiler op names (self CPU time)."""
+    """Where one batch-1 decode step's time goes, by torch.profiler op names (self CPU time).
+
+    The CPU's DecodeStack runs all layers in one C++ call, opaque to the profiler: it is switched off here, so
+    this breaks down the same kernel calls made from the Python layers (the TPOT figure is the one with it)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     from npu_infer import SamplingParams
     engine = llm.engine
+    stack_owner = getattr(getattr(engine.executor, "worker", None), "model", None)
+    stack_owner = getattr(stack_owner, "model", None)
+    stack = getattr(stack_owner, "platform_decode", None)
+    if stack is not None:
+        stack_owner.platform_decode = None
     engine.add_request("prof", {"prompt_token_ids": prompt},
                        SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True))
     engine.step()
@@ -111,6 +119,8 @@ def profile_decode_step(llm, prompt: list[int], steps: int = 20) -> dict:
     restore()
     while engine.has_unfinished_requests():
         engine.step()
+    if stack is not None:
+        stack_owner.platform_decode = stack
     buckets = {"linears": ("mm", "addmm", "linear", "mkldnn", "matmul", "kernel::linear_packed"),
                "attention": ("scaled_dot_product", "_scaled_dot_product", "index", "gather", "bmm", "softmax", "baddbmm",
                              "kernel::decode_attention", "kernel::cache_write"),
