@@ -4,7 +4,8 @@
 //
 // Tensors: bf16 or fp32, row-major. Accumulation is fp32 everywhere; bf16 results are rounded once
 // (round to nearest even), except where a comment says the torch twin rounds an intermediate too.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/python.h>  // pybind11 with the tensor casters; lighter than torch/extension.h (all of libtorch)
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
