@@ -2,6 +2,8 @@
 
     python benchmarks/offline_throughput.py                       # SmolLM2, bf16 and fp32, CPU backend
     python benchmarks/offline_throughput.py --dtypes bfloat16 --num-prompts 64 --profile
+    python benchmarks/offline_throughput.py --dtypes bfloat16 --model ../shared/models/qwen2-0.5b-instruct \
+        --load-format dummy                                       # the seed's model size, random weights
 
 For each dtype it measures, on the same seeded prompts (`--input-len` random token ids each, greedy,
 `--output-len` tokens each with EOS ignored):
@@ -54,11 +56,12 @@ def make_prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
 
 
 def run_ours(model: str, dtype: str, prompts: list[list[int]], output_len: int, single: int,
-             profile: bool) -> dict:
+             profile: bool, load_format: str = "auto") -> dict:
     from npu_infer import LLM, SamplingParams
     start = time.perf_counter()
     llm = LLM(model, device="cpu", dtype=dtype, max_model_len=1024, max_num_seqs=max(len(prompts), 1),
-              max_num_batched_tokens=max(2048, len(prompts[0]) * 2), kv_cache_memory="2GiB")
+              max_num_batched_tokens=max(2048, len(prompts[0]) * 2), kv_cache_memory="2GiB",
+              load_format=load_format, skip_tokenizer_init=load_format == "dummy")
     load_s = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
@@ -171,9 +174,13 @@ def _annotate_cpu_kernels():
     return lambda: [setattr(module, name, fn) for name, fn in originals.items()]
 
 
-def run_transformers(model: str, dtype: str, prompts: list[list[int]], output_len: int, single: int) -> dict:
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+def run_transformers(model: str, dtype: str, prompts: list[list[int]], output_len: int, single: int,
+                     random_weights: bool = False) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if random_weights:  # --load-format dummy: a config alone, both engines on random weights of its shape
+        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=getattr(torch, dtype)).eval()
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
     kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
 
     def generate(batch: list[list[int]]) -> int:
@@ -195,6 +202,9 @@ def run_transformers(model: str, dtype: str, prompts: list[list[int]], output_le
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="HF model directory (default: packaged SmolLM2, converted once)")
+    parser.add_argument("--load-format", default="auto",
+                        help="dummy: random weights from the directory's config.json alone (e.g. the seed's "
+                             "../shared/models/qwen2-0.5b-instruct), transformers on random weights too")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
@@ -214,7 +224,7 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}", flush=True)
     results = {}
     for dtype in args.dtypes.split(","):
-        ours = run_ours(model, dtype, prompts, args.output_len, args.single_prompts, args.profile)
+        ours = run_ours(model, dtype, prompts, args.output_len, args.single_prompts, args.profile, args.load_format)
         row = {"ours": ours}
         print(f"[{dtype}] ours: batch {args.num_prompts}: {ours['batch_tok_s']:.1f} out tok/s "
               f"({ours['batch_s']:.1f} s, largest step batch {ours['max_batch']}); batch 1: "
@@ -225,7 +235,8 @@ def main() -> None:
                   ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in ours["profile"].items()), flush=True)
         if not args.skip_transformers:
-            hf = run_transformers(model, dtype, prompts, args.output_len, args.hf_single_prompts)
+            hf = run_transformers(model, dtype, prompts, args.output_len, args.hf_single_prompts,
+                                  random_weights=args.load_format == "dummy")
             row["transformers"] = hf
             print(f"[{dtype}] transformers generate: batch {args.num_prompts}: {hf['batch_tok_s']:.1f} out tok/s "
                   f"({hf['batch_s']:.1f} s); batch 1: {hf['batch1_tok_s']:.1f} tok/s", flush=True)

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -223,10 +224,37 @@ void cache_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& cac
   else cache_write_impl<float>(k, v, cache, slots);
 }
 
+// Sums of four vectors' lanes at once: [sum(a), sum(b), sum(c), sum(d)] (a third of four separate reductions).
+inline __m256 upper256(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  auto half = [](__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), upper256(v)); };
+  const __m256 ab = _mm256_hadd_ps(half(a), half(b));  // [a01 a23 b01 b23 | a45 a67 b45 b67]
+  const __m256 cd = _mm256_hadd_ps(half(c), half(d));
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);           // [a b c d | a b c d], each a half of the sums
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// Lane-wise partial sums of q . k over one head (D = NC * 16): bf16 pairs go through vdpbf16ps unconverted.
+template <typename T, int NC>
+inline __m512 dot_lanes(const T* q, const T* k) {
+  if constexpr (std::is_same_v<T, bf16> && NC % 2 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < NC / 2; ++c)
+      acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + c * 32)),
+                             reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + c * 32)));
+    return acc;
+  } else {
+    __m512 acc = _mm512_mul_ps(load16(q), load16(k));
+    for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(load16(q + c * 16), load16(k + c * 16), acc);
+    return acc;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Decode attention straight from the paged cache: one query token per sequence, q [B, H, D] (row stride
 // free), block_tables [B, max_blocks] int32, seq_lens [B] int32. One work item per (sequence, KV head):
-// its H/KVH query heads score every cached token (fp32), softmax in fp32, then weight V. No gather copy.
+// its H/KVH query heads score every cached token (fp32), softmax in fp32, then weight V. No gather copy;
+// tokens are walked block by block (no division per token), scores four tokens at a time.
 template <typename T, int NC>  // NC = head_dim / 16
 void decode_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
@@ -255,25 +283,22 @@ void decode_attention_impl(const at::Tensor& out, const at::Tensor& q, const at:
       const int64_t padded = (len + 15) / 16 * 16;
       scores.assign(group * padded, -INFINITY);
       const T* kbase = cp + h * head_stride;
+      const T* vbase = kbase + v_offset;
       const int32_t* table = bt + b * bt_stride;
-      __m512 qv[8][NC];  // groups above 8 run in chunks of 8
-      for (int64_t g0 = 0; g0 < group; g0 += 8) {
-        const int64_t gn = std::min<int64_t>(8, group - g0);
-        for (int64_t g = 0; g < gn; ++g)
-          for (int c = 0; c < NC; ++c) qv[g][c] = load16(qp + b * q_stride + (h * group + g0 + g) * D + c * 16);
-        for (int64_t t = 0; t < len; ++t) {
-          const T* kt = kbase + (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * D;
-          __m512 kv[NC];
-          for (int c = 0; c < NC; ++c) kv[c] = load16(kt + c * 16);
-          for (int64_t g = 0; g < gn; ++g) {
-            __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
-            for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
-            scores[(g0 + g) * padded + t] = _mm512_reduce_add_ps(acc) * fscale;
-          }
-        }
-      }
       for (int64_t g = 0; g < group; ++g) {
+        const T* qg = qp + b * q_stride + (h * group + g) * D;
         float* s = scores.data() + g * padded;
+        for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {
+          const T* kb = kbase + static_cast<int64_t>(table[blk]) * block_size * D;
+          const int64_t n = std::min(block_size, len - t0);
+          int64_t j = 0;
+          for (; j + 4 <= n; j += 4) {
+            const __m128 four = reduce4(dot_lanes<T, NC>(qg, kb + j * D), dot_lanes<T, NC>(qg, kb + (j + 1) * D),
+                                        dot_lanes<T, NC>(qg, kb + (j + 2) * D), dot_lanes<T, NC>(qg, kb + (j + 3) * D));
+            _mm_storeu_ps(s + t0 + j, _mm_mul_ps(four, _mm_set1_ps(fscale)));
+          }
+          for (; j < n; ++j) s[t0 + j] = _mm512_reduce_add_ps(dot_lanes<T, NC>(qg, kb + j * D)) * fscale;
+        }
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int64_t t = 0; t < padded; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + t));
         const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
@@ -286,11 +311,13 @@ void decode_attention_impl(const at::Tensor& out, const at::Tensor& q, const at:
         const float inv = 1.0f / _mm512_reduce_add_ps(sum);
         __m512 acc[NC];
         for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
-        const T* vbase = kbase + v_offset;
-        for (int64_t t = 0; t < len; ++t) {
-          const T* vt = vbase + (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * D;
-          const __m512 p = _mm512_set1_ps(s[t]);
-          for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vt + c * 16), acc[c]);
+        for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {
+          const T* vb = vbase + static_cast<int64_t>(table[blk]) * block_size * D;
+          const int64_t n = std::min(block_size, len - t0);
+          for (int64_t j = 0; j < n; ++j) {
+            const __m512 p = _mm512_set1_ps(s[t0 + j]);
+            for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vb + j * D + c * 16), acc[c]);
+          }
         }
         T* dst = op + (b * heads + h * group + g) * D;
         for (int c = 0; c < NC; ++c) store16(dst + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
