@@ -84,14 +84,16 @@ class CpuPlatform(Platform):
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
     def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
-        """Pack bf16 linear weights once: oneDNN's blocked layout (1.4-1.6x faster GEMMs here) and, with the
-        AVX-512 kernels, the decode GEMV's layout (1.6x faster again at batch 1)."""
-        if dtype != torch.bfloat16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return
+        """Pack linear weights once: bf16 into oneDNN's blocked layout (1.4-1.6x faster GEMMs here) and, with the
+        AVX-512 kernels, bf16 or fp32 into the decode kernel's panels (1.6x / 2.9x faster again at batch 1)."""
         if os.environ.get("NPU_INFER_CPU_PACK_WEIGHTS", "1") == "0":
             return
-        from npu_infer.platform.cpu_linear import CpuPackedLinear
         kernels = cpu_kernels.load()
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return
+        if dtype not in (torch.bfloat16, torch.float32) or (dtype == torch.float32 and kernels is None):
+            return
+        from npu_infer.platform.cpu_linear import CpuPackedLinear
         from npu_infer.models.layers.embedding import ParallelLMHead
         for module in model.modules():
             if hasattr(module, "platform_matmul") and getattr(module, "weight", None) is not None:

@@ -2,7 +2,7 @@
 
 The Python layers make ~12 module calls and ~7 kernel calls per layer: at batch 1 that is ~3 ms of a 13 ms step.
 DecodeStack makes the same kernel calls in the same order from C++, so its output is bit for bit the Python
-path's (the tests check that); it runs only where that holds: bf16, one TP rank and one PP stage, every sequence
+path's (the tests check that); it runs only where that holds: bf16 or fp32, one TP rank and one PP stage, every sequence
 of the step decoding, at most GEMV_MAX_ROWS of them. Everything else takes the Python layers."""
 from __future__ import annotations
 
@@ -42,12 +42,12 @@ class CpuDecodeStack:
     def supports(model: nn.Module, dtype: torch.dtype) -> bool:
         """Whether `model` (a LlamaModel, after CpuPlatform.prepare_model) has the shape DecodeStack computes."""
         layers = list(model.layers)
-        if dtype != torch.bfloat16 or not layers or model.start_layer != 0 or model.end_layer != len(layers):
+        if dtype not in (torch.bfloat16, torch.float32) or not layers or model.start_layer != 0 or model.end_layer != len(layers):
             return False
         attn = layers[0].self_attn
         linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                    layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        # Quantized (bitsandbytes) linears have no packed bf16 weight: they keep the Python layers.
+        # Quantized (bitsandbytes) linears have no packed weight: they keep the Python layers.
         return (attn.attn.head_dim in KERNEL_HEAD_DIMS
                 and all(getattr(getattr(m, "platform_matmul", None), "gemv", None) is not None for m in linears)
                 and all(m.tp_size == 1 for m in linears)

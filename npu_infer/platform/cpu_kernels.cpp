@@ -348,65 +348,79 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// bf16 linear for a few rows (decode): y [M, N] = x [M, K] @ W^T + bias, W pre-packed by pack_linear into
-// [ceil(N / 64), K / 2, 64, 2]: for each 64-row panel, consecutive pairs of K. One AVX512_BF16 dot-product
-// instruction then adds x[m, 2k..2k+1] . W[n, 2k..2k+1] for 16 rows n at once, with no horizontal sums,
-// and each thread streams one contiguous stretch of the weights (the GEMV is memory-bound).
+// Linear for decode-sized batches: y [M, N] = x [M, K] @ W^T + bias, W pre-packed by pack_linear into 64-row
+// panels [ceil(N / 64), K / pairs, 64, pairs] (pairs = 2 for bf16, 1 for fp32): each step down a panel reads one
+// 256-byte line of weights for 64 output rows. bf16: one AVX512_BF16 dot-product instruction adds
+// x[m, 2k..2k+1] . W[n, 2k..2k+1] for 16 rows n at once; fp32: one FMA of a broadcast x[m, k]. No horizontal
+// sums, and each thread streams one contiguous stretch of the weights (at small M the GEMV is memory-bound).
 at::Tensor pack_linear(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.size(1) % 2 == 0,
-              "pack_linear: weight [N, K] bf16 with even K");
+  const bool is_bf16_weight = is_bf16(weight);
+  const int64_t pairs = is_bf16_weight ? 2 : 1;
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) % pairs == 0, "pack_linear: weight [N, K] (even K for bf16)");
   const int64_t n = weight.size(0), k = weight.size(1), panels = (n + 63) / 64;
   at::Tensor padded = at::zeros({panels * 64, k}, weight.options());
   padded.narrow(0, 0, n).copy_(weight);
-  // [P, 64, K/2, 2] -> [P, K/2, 64, 2]
-  return padded.view({panels, 64, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+  // [P, 64, K/pairs, pairs] -> [P, K/pairs, 64, pairs]
+  return padded.view({panels, 64, k / pairs, pairs}).permute({0, 2, 1, 3}).contiguous();
 }
 
 constexpr int kMaxRowsPerPass = 4;
 
-template <int M>
-inline void gemv_panel(const bf16* panel, const int32_t* x, int64_t x_stride, int64_t kpairs, float* acc_out) {
+// acc_out[m * 64 + r] = x[m] . W[r] over one panel, for M rows of x (row stride x_stride, in steps).
+template <typename W, int M>
+inline void panel_dot(const W* panel, const void* x, int64_t x_stride, int64_t steps, float* acc_out) {
   __m512 acc[M][4];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
-  const bf16* w = panel;
-  for (int64_t kp = 0; kp < kpairs; ++kp, w += 128) {
+  const W* w = panel;
+  for (int64_t k = 0; k < steps; ++k, w += 64 * (sizeof(float) / sizeof(W))) {
     // Ahead into L2 (32 KiB on): measured 5-10% over the hardware prefetcher alone on a 2-core EPYC.
-    const char* ahead = reinterpret_cast<const char*>(w + 128 * 128);
+    const char* ahead = reinterpret_cast<const char*>(w) + 256 * 128;
     for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
-    __m512bh wv[4];
-    for (int j = 0; j < 4; ++j)
-      wv[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + j * 32));
-    for (int m = 0; m < M; ++m) {
-      const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(x[m * x_stride + kp]));
-      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xb);
+    if constexpr (std::is_same_v<W, bf16>) {
+      const int32_t* xp = static_cast<const int32_t*>(x);
+      __m512bh wv[4];
+      for (int j = 0; j < 4; ++j) wv[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + j * 32));
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(xp[m * x_stride + k]));
+        for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xb);
+      }
+    } else {
+      const float* xp = static_cast<const float*>(x);
+      __m512 wv[4];
+      for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_ps(w + j * 16);
+      for (int m = 0; m < M; ++m) {
+        const __m512 xb = _mm512_set1_ps(xp[m * x_stride + k]);
+        for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], xb, acc[m][j]);
+      }
     }
   }
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc_out + m * 64 + j * 16, acc[m][j]);
 }
 
-template <typename Out>
+template <typename W, typename Out>
 void linear_packed_impl(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, int64_t n,
                         const c10::optional<at::Tensor>& bias) {
-  const int64_t rows = x.size(0), kpairs = packed.size(1), panels = packed.size(0);
-  const int32_t* xp = reinterpret_cast<const int32_t*>(x.data_ptr<bf16>());
-  const bf16* wp = packed.data_ptr<bf16>();
-  const bf16* bp = bias ? bias->data_ptr<bf16>() : nullptr;
+  const int64_t rows = x.size(0), steps = packed.size(1), panels = packed.size(0);
+  const char* xp = static_cast<const char*>(x.data_ptr());
+  const size_t x_step_bytes = sizeof(W) * packed.size(3);  // one step of K: a bf16 pair or one float
+  const W* wp = packed.data_ptr<W>();
+  const W* bp = bias ? bias->data_ptr<W>() : nullptr;
   Out* op = out.data_ptr<Out>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     float acc[kMaxRowsPerPass * 64];
     for (int64_t p = begin; p < end; ++p) {
-      const bf16* panel = wp + p * kpairs * 128;
+      const W* panel = wp + p * steps * 64 * packed.size(3);
       const int64_t valid = std::min<int64_t>(64, n - p * 64);
       for (int64_t m0 = 0; m0 < rows; m0 += kMaxRowsPerPass) {  // later passes find the panel in cache
         const int64_t mr = std::min<int64_t>(kMaxRowsPerPass, rows - m0);
-        const int32_t* xr = xp + m0 * kpairs;
+        const void* xr = xp + m0 * steps * x_step_bytes;
         switch (mr) {
-          case 1: gemv_panel<1>(panel, xr, kpairs, kpairs, acc); break;
-          case 2: gemv_panel<2>(panel, xr, kpairs, kpairs, acc); break;
-          case 3: gemv_panel<3>(panel, xr, kpairs, kpairs, acc); break;
-          default: gemv_panel<4>(panel, xr, kpairs, kpairs, acc); break;
+          case 1: panel_dot<W, 1>(panel, xr, steps, steps, acc); break;
+          case 2: panel_dot<W, 2>(panel, xr, steps, steps, acc); break;
+          case 3: panel_dot<W, 3>(panel, xr, steps, steps, acc); break;
+          default: panel_dot<W, 4>(panel, xr, steps, steps, acc); break;
         }
         for (int64_t m = 0; m < mr; ++m) {
           Out* dst = op + (m0 + m) * n + p * 64;
@@ -427,14 +441,17 @@ void linear_packed_impl(const at::Tensor& out, const at::Tensor& x, const at::Te
 // fp32_out: keep the fp32 accumulator (logits: bf16 would round them to steps of 1/8 near 20, making ties).
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n,
                          const c10::optional<at::Tensor>& bias, bool fp32_out) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
-              packed.size(1) * 2 == x.size(1) && packed.size(0) * 64 >= n,
-              "linear_packed: x [M, K] bf16 contiguous, packed from an [N, K] weight");
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n),
-              "linear_packed: bias [N] bf16");
-  at::Tensor out = at::empty({x.size(0), n}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
-  if (fp32_out) linear_packed_impl<float>(out, x, packed, n, bias);
-  else linear_packed_impl<bf16>(out, x, packed, n, bias);
+  const bool bf16_weights = is_bf16(packed);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == packed.scalar_type() && packed.dim() == 4 &&
+              packed.size(1) * packed.size(3) == x.size(1) && packed.size(2) == 64 && packed.size(0) * 64 >= n,
+              "linear_packed: x [M, K] contiguous, of the dtype of the [N, K] weight that pack_linear packed");
+  TORCH_CHECK(!bias || (bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == n),
+              "linear_packed: bias [N] of x's dtype");
+  const bool out_fp32 = fp32_out || !bf16_weights;
+  at::Tensor out = at::empty({x.size(0), n}, x.options().dtype(out_fp32 ? at::kFloat : at::kBFloat16));
+  if (!bf16_weights) linear_packed_impl<float, float>(out, x, packed, n, bias);
+  else if (fp32_out) linear_packed_impl<bf16, float>(out, x, packed, n, bias);
+  else linear_packed_impl<bf16, bf16>(out, x, packed, n, bias);
   return out;
 }
 
@@ -500,8 +517,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "neox rotary in place on the leading heads of a fused QKV row");
   m.def("cache_write", &cache_write, "write k/v rows into the head-major paged cache");
   m.def("decode_attention", &decode_attention, "one-token attention straight from the paged cache");
-  m.def("pack_linear", &pack_linear, "pack an [N, K] bf16 weight for linear_packed");
-  m.def("linear_packed", &linear_packed, "bf16 x @ W^T (+ bias) from a packed weight", pybind11::arg("x"),
+  m.def("pack_linear", &pack_linear, "pack an [N, K] bf16 or fp32 weight for linear_packed");
+  m.def("linear_packed", &linear_packed, "x @ W^T (+ bias) from a packed weight", pybind11::arg("x"),
         pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias"), pybind11::arg("fp32_out") = false);
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,

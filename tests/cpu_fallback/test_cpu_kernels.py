@@ -134,21 +134,23 @@ def test_decode_attention_refuses_what_it_cannot_read(kernels):
         kernels.decode_attention(q.half(), cache.half(), meta.block_tables, meta.seq_lens, 0.1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k", [(960, 576), (100, 34), (64, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_decode_linear_equals_f_linear(kernels, n, k, bias):
-    """The packed bf16 dot-product kernel up to GEMV_MAX_ROWS rows, and oneDNN above that, against F.linear computed in fp32."""
+def test_decode_linear_equals_f_linear(kernels, dtype, n, k, bias):
+    """The packed dot-product kernel up to GEMV_MAX_ROWS rows, and the library GEMM above (oneDNN for bf16, MKL
+    for fp32), against F.linear computed in fp32."""
     from npu_infer.platform.cpu_linear import GEMV_MAX_ROWS, CpuPackedLinear
     g = torch.Generator().manual_seed(n + k)
-    weight = (torch.randn(n, k, generator=g) / math.sqrt(k)).bfloat16()
-    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    weight = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
     layer = CpuPackedLinear(weight, kernels)
     for rows in (1, 2, 3, 4, 5, 7, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1):
-        x = torch.randn(rows, k, generator=g).bfloat16()
+        x = torch.randn(rows, k, generator=g).to(dtype)
         want = F.linear(x.float(), weight.float(), None if b is None else b.float())
         got = layer(x, b)
-        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-        close(got, want, torch.bfloat16)
+        assert got.dtype == dtype and got.shape == (rows, n)
+        close(got, want, dtype)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -180,8 +182,9 @@ def test_bf16_engine_through_the_kernels_is_as_accurate_as_plain_torch(arch, tin
     assert errors["cpu-kernels"] <= 1.5 * errors["plain-torch"] + 0.01, errors
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_decode_stack_gives_the_python_layers_bits(arch, tiny_llama_dir, tiny_qwen2_dir, monkeypatch):
+def test_decode_stack_gives_the_python_layers_bits(arch, dtype, tiny_llama_dir, tiny_qwen2_dir, monkeypatch):
     """Pure decode steps in one C++ call (DecodeStack) against the Python layers making the same kernel calls:
     the same tokens and bit-identical logprobs, and the stack really ran every decode step."""
     from npu_infer import LLM, SamplingParams
@@ -193,7 +196,7 @@ def test_decode_stack_gives_the_python_layers_bits(arch, tiny_llama_dir, tiny_qw
     for stack in ("1", "0"):
         monkeypatch.setenv("NPU_INFER_CPU_DECODE_STACK", stack)
         platform._current = None
-        llm = LLM(str(model_dir), device="cpu", dtype="bfloat16", kv_cache_memory="8MiB", skip_tokenizer_init=True,
+        llm = LLM(str(model_dir), device="cpu", dtype=dtype, kv_cache_memory="8MiB", skip_tokenizer_init=True,
                   max_model_len=256)
         fused = llm.engine.executor.worker.model.model.platform_decode
         assert (fused is not None) == (stack == "1")
