@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -43,6 +46,39 @@ def _put_ninja_on_path() -> None:
         pass
 
 
+# A build's lock (torch's FileBaton) older than this was left by a process killed while building: remove it.
+STALE_LOCK_S = 180.0
+
+
+def build_directory(name: str) -> Path:
+    """Where the kernels of this source, torch and CPU are built: TORCH_EXTENSIONS_DIR, else ~/.cache."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                  "torch_extensions")
+    return Path(root) / name
+
+
+def _import_built(name: str, directory: Path) -> ModuleType | None:
+    """The module when a finished build is there, imported without torch's loader: that loader takes the build
+    lock on every load, and a process killed while holding it (a worker, say) would hang every later load."""
+    lock = directory / "lock"
+    waited = 0.0
+    while lock.exists():  # someone is building: wait for it, or find its lock stale
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_LOCK_S or waited > STALE_LOCK_S:
+            logger.warning("removing a stale CPU kernel build lock (%.0f s old): %s", age, lock)
+            lock.unlink(missing_ok=True)
+            break
+        time.sleep(0.5)
+        waited += 0.5
+    library = directory / f"{name}.so"
+    if not library.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.cache
 def load() -> ModuleType | None:
     if os.environ.get("NPU_INFER_CPU_KERNELS", "1") == "0":
@@ -53,13 +89,20 @@ def load() -> ModuleType | None:
         logger.info("CPU kernels off: this CPU lacks %s", ", ".join(missing))
         return None
     source = SOURCE.read_text()
-    # -march=native code must not be reused on another CPU, nor across torch versions.
-    digest = hashlib.sha1((source + torch.__version__ + " ".join(sorted(flags))).encode()).hexdigest()[:12]
+    # -march=native code must not be reused on another CPU, nor across torch or Python versions.
+    key = f"{source}{torch.__version__}{sys.version_info[:2]}{' '.join(sorted(flags))}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    name = f"npu_infer_cpu_kernels_{digest}"
+    directory = build_directory(name)
     try:
+        module = _import_built(name, directory)
+        if module is not None:
+            return module
         from torch.utils.cpp_extension import load as load_extension
         _put_ninja_on_path()
-        logger.info("loading the CPU kernels (compiled once, about 25 s on 2 cores, then cached)")
-        return load_extension(name=f"npu_infer_cpu_kernels_{digest}", sources=[str(SOURCE)],
+        directory.mkdir(parents=True, exist_ok=True)
+        logger.info("building the CPU kernels (once, about 25 s on 2 cores, then cached in %s)", directory)
+        return load_extension(name=name, sources=[str(SOURCE)], build_directory=str(directory),
                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                               verbose=False)
     except Exception as exc:  # no compiler, no ninja, a build error: the plain-torch ops still work

@@ -221,3 +221,27 @@ def test_lm_head_logits_come_out_in_fp32(kernels):
         got = head(x, None)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, F.linear(x.float(), weight.float()), rtol=1e-5, atol=1e-4)
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_loading(kernels, tmp_path):
+    """torch's loader takes a lock file on every load; one killed while holding it used to hang every later
+    start. A finished build is imported without the lock, and a stale lock is removed (in a fresh process)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    built = Path(kernels.__file__)
+    copy = tmp_path / built.parent.name
+    copy.mkdir()
+    shutil.copy(built, copy / built.name)
+    lock = copy / "lock"
+    lock.touch()
+    old = time.time() - 2 * cpu_kernels.STALE_LOCK_S
+    os.utime(lock, (old, old))
+    code = "from npu_infer.platform import cpu_kernels; m = cpu_kernels.load(); print(m is not None and m.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert out.stdout.strip() == str(copy / built.name), out.stderr[-2000:]
+    assert not lock.exists()
