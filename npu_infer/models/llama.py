@@ -104,8 +104,8 @@ class LlamaModel(nn.Module):
         if hidden is None:
             hidden = self.embed_tokens(input_ids)
         fused = self.platform_decode
-        if fused is not None and residual is None and fused.accepts(hidden, get_context()):
-            hidden, residual = fused(hidden, positions, get_context())
+        if fused is not None and residual is None and fused.accepts(hidden, meta := get_context()):
+            hidden, residual = fused(hidden, positions, meta)
         else:
             for layer in self.layers[self.start_layer:self.end_layer]:
                 hidden, residual = layer(positions, hidden, residual)

@@ -37,10 +37,7 @@ def _status_kib(field: str) -> int:
 
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with AVX-512 BF16 or AMX, where bf16 GEMM beats fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = cpu_kernels.cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -86,20 +83,20 @@ class CpuPlatform(Platform):
     def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         """Pack linear weights once: bf16 into oneDNN's blocked layout (1.4-1.6x faster GEMMs here) and, with the
         AVX-512 kernels, bf16 or fp32 into the decode kernel's panels (1.6x / 2.9x faster again at batch 1)."""
-        if os.environ.get("NPU_INFER_CPU_PACK_WEIGHTS", "1") == "0":
+        if os.environ.get("NPU_INFER_CPU_PACK_WEIGHTS", "1") == "0" or dtype not in (torch.bfloat16, torch.float32):
             return
         kernels = cpu_kernels.load()
         if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return
-        if dtype not in (torch.bfloat16, torch.float32) or (dtype == torch.float32 and kernels is None):
-            return
-        from npu_infer.platform.cpu_linear import CpuPackedLinear
+        if dtype == torch.float32 and kernels is None:
+            return  # nothing faster than F.linear to pack fp32 for
         from npu_infer.models.layers.embedding import ParallelLMHead
+        from npu_infer.platform.cpu_decode_stack import CpuDecodeStack
+        from npu_infer.platform.cpu_linear import CpuPackedLinear
         for module in model.modules():
             if hasattr(module, "platform_matmul") and getattr(module, "weight", None) is not None:
                 module.platform_matmul = CpuPackedLinear(module.weight.detach(), kernels,
                                                          logits=isinstance(module, ParallelLMHead))
-        from npu_infer.platform.cpu_decode_stack import CpuDecodeStack
         stack = getattr(model, "model", None)
         if (kernels is not None and os.environ.get("NPU_INFER_CPU_DECODE_STACK", "1") != "0"
                 and hasattr(stack, "platform_decode") and CpuDecodeStack.supports(stack, dtype)):

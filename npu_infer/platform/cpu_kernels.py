@@ -24,7 +24,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists for this CPU (empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -83,7 +84,7 @@ def _import_built(name: str, directory: Path) -> ModuleType | None:
 def load() -> ModuleType | None:
     if os.environ.get("NPU_INFER_CPU_KERNELS", "1") == "0":
         return None
-    flags = _cpu_flags()
+    flags = cpu_flags()
     missing = [f for f in REQUIRED_FLAGS if f not in flags]
     if missing:
         logger.info("CPU kernels off: this CPU lacks %s", ", ".join(missing))

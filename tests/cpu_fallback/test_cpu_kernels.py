@@ -15,7 +15,7 @@ from npu_infer.platform.torch_attention import TorchAttentionBackend
 from npu_infer.platform.torch_ops import TorchOps
 from npu_infer.worker.context import AttentionMetadata
 
-HAS_FLAGS = all(f in cpu_kernels._cpu_flags() for f in cpu_kernels.REQUIRED_FLAGS)
+HAS_FLAGS = all(f in cpu_kernels.cpu_flags() for f in cpu_kernels.REQUIRED_FLAGS)
 pytestmark = pytest.mark.skipif(not HAS_FLAGS, reason="this CPU lacks AVX-512 BF16: the kernels are never used here")
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -25,7 +25,7 @@ def kernels():
     return cpu_kernels.load()
 
 
-def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:  # one bf16 step (2^-8 relative) of the larger magnitude
@@ -44,13 +44,13 @@ def test_rms_norm_and_residual_add(kernels, dtype, rows, hidden):
     g = torch.Generator().manual_seed(rows)
     x, residual = (torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(2))
     weight = torch.randn(hidden, generator=g).to(dtype)
-    close(CpuOps(kernels).rms_norm(x, weight, 1e-6), TorchOps().rms_norm(x, weight, 1e-6), dtype)
+    assert_matches(CpuOps(kernels).rms_norm(x, weight, 1e-6), TorchOps().rms_norm(x, weight, 1e-6), dtype)
     want, want_residual = TorchOps().add_rms_norm(x, residual.clone(), weight, 1e-6)
     mine = residual.clone()
     got, got_residual = CpuOps(kernels).add_rms_norm(x, mine, weight, 1e-6)
     assert got_residual.data_ptr() == mine.data_ptr()  # updated in place
     torch.testing.assert_close(got_residual, want_residual, rtol=0, atol=0)  # one rounding on both sides
-    close(got, want, dtype)
+    assert_matches(got, want, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -58,7 +58,7 @@ def test_rms_norm_and_residual_add(kernels, dtype, rows, hidden):
 def test_silu_and_mul(kernels, dtype, rows, inter):
     from npu_infer.platform.cpu_ops import CpuOps
     x = (torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
-    close(CpuOps(kernels).silu_and_mul(x), TorchOps().silu_and_mul(x), dtype)
+    assert_matches(CpuOps(kernels).silu_and_mul(x), TorchOps().silu_and_mul(x), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -75,8 +75,8 @@ def test_rotary_in_place_on_fused_qkv(kernels, dtype, heads, kv_heads, head_dim)
     q, k, v = mine.split(sizes, -1)
     q_got, k_got = CpuOps(kernels).rotary(positions, q, k, table, head_dim)
     assert q_got.data_ptr() == mine.data_ptr()  # rotated where it lay
-    close(q_got, q_want, dtype)
-    close(k_got, k_want, dtype)
+    assert_matches(q_got, q_want, dtype)
+    assert_matches(k_got, k_want, dtype)
     assert torch.equal(v, qkv.split(sizes, -1)[2])  # v untouched
 
 
@@ -122,7 +122,7 @@ def test_decode_attention_and_cache_write_equal_the_torch_path(kernels, dtype, l
     want = TorchAttentionBackend().forward(q, k, v, want_cache, meta, scale, heads, kv_heads, head_dim)
     got = CpuAttentionBackend(kernels).forward(q, k, v, got_cache, meta, scale, heads, kv_heads, head_dim)
     assert torch.equal(got_cache, want_cache)  # the same slots written, nothing else touched
-    close(got, want, dtype)
+    assert_matches(got, want, dtype)
 
 
 def test_decode_attention_refuses_what_it_cannot_read(kernels):
@@ -150,7 +150,7 @@ def test_decode_linear_equals_f_linear(kernels, dtype, n, k, bias):
         want = F.linear(x.float(), weight.float(), None if b is None else b.float())
         got = layer(x, b)
         assert got.dtype == dtype and got.shape == (rows, n)
-        close(got, want, dtype)
+        assert_matches(got, want, dtype)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
