@@ -46,6 +46,11 @@ class LLM:
                 if out.finished:
                     done[out.request_id] = out
                     bar.update(1)
+            failures = self.engine.take_failures()
+            if failures:  # the others are finished off first, so nothing stays allocated
+                for request_id in ids:
+                    self.engine.abort_request(request_id)
+                raise next(iter(failures.values()))
         bar.close()
         return [done[i] for i in ids]
 

@@ -1,9 +1,16 @@
 """SamplingParams (vLLM's names and meanings) and the batched sampler."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch generators take 64-bit seeds
+MAX_N = 128             # completions one request may ask for (OpenAI's and vLLM's n/best_of cap)
+MAX_STOP_STRINGS = 64   # stop strings per request
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclass
@@ -30,6 +37,7 @@ class SamplingParams:
     _stop_list: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
         if self.temperature < 0:
@@ -61,6 +69,15 @@ class SamplingParams:
             raise ValueError("stop strings must not be empty")
         self.stop_token_ids = list(self.stop_token_ids or [])
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """The checks that need the model: top_k and stop token ids within the vocabulary."""
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size {vocab_size} (or 0 / -1 for off), "
+                             f"got {self.top_k}")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab_size}), got {bad[0]}")
+
     @property
     def stop_strings(self) -> list[str]:
         return self._stop_list
@@ -72,6 +89,33 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+def check_ranges(p: SamplingParams) -> None:
+    """Types and magnitudes, before anything compares or converts them: a float that is NaN or infinite, an
+    integer beyond 64 bits or a list without bound would otherwise fail (or allocate) inside a step."""
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        value = getattr(p, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    for name in ("n", "top_k", "min_tokens", "max_tokens", "logprobs", "prompt_logprobs", "seed"):
+        value = getattr(p, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if p.seed is not None and not SEED_MIN <= p.seed <= SEED_MAX:
+        raise ValueError(f"seed must be a 64-bit signed integer, in [{SEED_MIN}, {SEED_MAX}], got {p.seed}")
+    if p.n > MAX_N:
+        raise ValueError(f"n must be at most {MAX_N}, got {p.n}")
+    if p.top_k > 2**31 - 1:
+        raise ValueError(f"top_k must be at most the vocabulary size (or 0 / -1 for off), got {p.top_k}")
+    stops = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
+    if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+        raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} "
+                         f"characters each")
+    if len(p.stop_token_ids or []) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} token ids")
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in p.stop_token_ids or []):
+        raise ValueError("stop_token_ids must be integers")
 
 
 @dataclass

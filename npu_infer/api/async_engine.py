@@ -236,6 +236,12 @@ class AsyncEngine:
             return
         now = time.monotonic()
         batch = []
+        for request_id, error in self.engine.take_failures().items():  # ours, one request each: a 500 / error frame
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                if self.metrics is not None:
+                    self.metrics.finished("error")
+                batch.append((stream, error))
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:

@@ -14,6 +14,46 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# ---- checks at the door (kept apart from the schemas: one function per rule) ----------------------------------
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's set
+MAX_LOGIT_BIAS_ENTRIES = 1024
+
+
+def reject_lone_surrogates(data: Any) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"): Python keeps it in a str that no UTF-8 encoder (tokenizer,
+    response) accepts. Refused here with the field's path, not as a 500 later."""
+    stack = [("body", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"'{path}' is not valid Unicode text (a lone surrogate at character {exc.start}); "
+                                 "send UTF-8 text") from None
+        elif isinstance(value, dict):
+            stack.extend((k if path == "body" else f"{path}.{k}", v) for k, v in value.items())
+            stack.extend((f"{path} key", k) for k in value)
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+
+
+def check_chat_message(message: Any) -> None:
+    """OpenAI's rules: a role from its set; content unless an assistant message carries tool_calls."""
+    if not isinstance(message, dict):
+        return  # the schema says what is wrong
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise ValueError(f"unknown role {role!r}; a message's role is one of {', '.join(CHAT_ROLES)}")
+    if message.get("content") is None and not (role == "assistant" and message.get("tool_calls")):
+        raise ValueError(f"a {role} message needs content (only an assistant message with tool_calls may omit it)")
+
+
+def check_logit_bias_size(value: dict | None) -> None:
+    if value is not None and len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(value)}")
+
+
 class OpenAIModel(BaseModel):
     # Unknown fields are ignored, as OpenAI clients send fields a server may not know.
     model_config = ConfigDict(extra="ignore")
@@ -30,11 +70,12 @@ class _SamplingFields(OpenAIModel):
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)  # -1 / 0: off; at most the vocabulary (engine checks)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # torch generators take 64-bit seeds
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)  # vLLM's: prefix-cache isolation per tenant
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
@@ -47,6 +88,18 @@ class _SamplingFields(OpenAIModel):
     user: str | None = None
     return_token_ids: bool = False  # vLLM's: also send the generated token ids (always, without a tokenizer)
     logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data):
+        reject_lone_surrogates(data)
+        return data
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias_size(cls, value):
+        check_logit_bias_size(value)
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -175,6 +228,12 @@ class ChatMessage(OpenAIModel):
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_rules(cls, data):
+        check_chat_message(data)
+        return data
+
     def as_template_input(self) -> dict:
         content = self.content
         if isinstance(content, list):
@@ -302,6 +361,12 @@ class TokenizeRequest(OpenAIModel):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data):
+        reject_lone_surrogates(data)
+        return data
 
     @model_validator(mode="after")
     def _one_input(self):

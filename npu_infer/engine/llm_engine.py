@@ -23,6 +23,11 @@ from npu_infer.worker.step_io import SeqChunk, StepInput
 logger = logging.getLogger(__name__)
 
 
+class RequestFailedError(RuntimeError):
+    """One request's own computation failed (sampling, detokenization, logprobs, stop matching): that request
+    ends with this error, the others in its batch go on."""
+
+
 @dataclass
 class EngineStats:
     """Counters the metrics endpoint and the tests read."""
@@ -31,6 +36,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     finished_requests: int = 0
+    failed_requests: int = 0
 
     @property
     def max_batch_size(self) -> int:
@@ -81,6 +87,7 @@ class LLMEngine:
         self.parent_of: dict[str, str] = {}  # child request id -> user request id
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.finished_since_step: list[str] = []
+        self.failures: dict[str, RequestFailedError] = {}  # user request id -> why it failed (until taken)
         self.stats = EngineStats()
         self.vocab_size = hf_config.vocab_size
 
@@ -126,6 +133,7 @@ class LLMEngine:
                              f"{len(prompt_ids) + params.max_tokens}; lower max_tokens or shorten the prompt")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids with skip_tokenizer_init")
+        params.check_vocab(self.vocab_size)
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams) -> None:
         if request_id in self.parents:
@@ -177,22 +185,62 @@ class LLMEngine:
         touched: dict[str, ParentRequest] = {}
         now = time.monotonic()
         for request, num_new in sched.scheduled:
+            if request.is_finished:  # another child of its request failed earlier in this loop
+                continue
             request.num_computed_tokens += num_new
             self.block_manager.cache_full_blocks(request)
             parent = self.parents.get(self.parent_of.get(request.request_id, ""))
             if parent is None:
                 continue
-            if request.request_id in result.prompt_logprobs and request.index == 0:
-                parent.prompt_logprobs += self._to_logprob_dicts(result.prompt_logprobs[request.request_id],
-                                                                 parent.prompt_token_ids[request.num_computed_tokens - num_new + 1:])
-            token = result.sampled.get(request.request_id)
-            if token is None:
-                continue
-            if request.first_token_time is None:
-                request.first_token_time = now
-            self._append(request, token, result.logprobs.get(request.request_id))
-            touched[parent.request_id] = parent
-        return [self._make_output(parent) for parent in touched.values()]
+            try:
+                error = result.errors.get(request.request_id)
+                if error is not None:
+                    raise RequestFailedError(error)
+                if request.request_id in result.prompt_logprobs and request.index == 0:
+                    self._add_prompt_logprobs(parent, request.num_computed_tokens - num_new,
+                                              result.prompt_logprobs[request.request_id])
+                token = result.sampled.get(request.request_id)
+                if token is None:
+                    continue
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                self._append(request, token, result.logprobs.get(request.request_id))
+                touched[parent.request_id] = parent
+            except Exception as exc:  # noqa: BLE001 -- this request's own failure: it alone ends
+                self._fail(parent, exc)
+                touched.pop(parent.request_id, None)
+        outputs = []
+        for parent in touched.values():
+            try:
+                outputs.append(self._make_output(parent))
+            except Exception as exc:  # noqa: BLE001
+                self._fail(parent, exc)
+        return outputs
+
+    def _fail(self, parent: ParentRequest, exc: Exception) -> None:
+        """End one request on an error of its own; its blocks go back, the rest of the batch is untouched."""
+        logger.error("request %s failed: %s: %s", parent.request_id, type(exc).__name__, exc,
+                     exc_info=not isinstance(exc, RequestFailedError))
+        self.abort_request(parent.request_id)
+        self.stats.failed_requests += 1
+        self.failures[parent.request_id] = exc if isinstance(exc, RequestFailedError) else RequestFailedError(
+            f"request {parent.request_id} failed: {type(exc).__name__}: {exc}")
+
+    def take_failures(self) -> dict[str, RequestFailedError]:
+        """Requests that failed since the last call (user request id -> error); they are already freed."""
+        failures, self.failures = self.failures, {}
+        return failures
+
+    def _add_prompt_logprobs(self, parent: ParentRequest, start: int, rows: list) -> None:
+        """Rows for prompt positions start, start+1, ... (each about the next prompt token). A preempted request
+        recomputes its prompt from position 0: the positions already recorded are skipped, so each prompt token
+        has its entry exactly once."""
+        have = len(parent.prompt_logprobs)  # entries for prompt tokens 0 .. have-1 (token 0 has None)
+        skip = max(have - 1 - start, 0)
+        rows = rows[skip:]
+        first = start + skip + 1  # the prompt token the first remaining row is about
+        if rows and first == have:
+            parent.prompt_logprobs += self._to_logprob_dicts(rows, parent.prompt_token_ids[first:first + len(rows)])
 
     def _chunk(self, request: Request, num_new: int) -> SeqChunk:
         start = request.num_computed_tokens

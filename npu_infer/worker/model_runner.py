@@ -77,25 +77,43 @@ class ModelRunner:
         rows = [i for i, c in enumerate(chunks) if c.sample]
         if rows:
             logits = self.model.compute_logits(hidden[ends[rows]])
-            sampler_rows = [SamplerRow(chunks[i].params, self._generator(chunks[i]), chunks[i].prompt_ids or [],
-                                       chunks[i].output_ids or []) for i in rows]
-            result = sample(logits, sampler_rows)
-            for j, i in enumerate(rows):
-                out.sampled[chunks[i].request_id] = result.token_ids[j]
-                if result.logprobs[j] is not None:
-                    out.logprobs[chunks[i].request_id] = result.logprobs[j]
+            try:
+                results = self._sample_rows([chunks[i] for i in rows], logits)
+            except Exception:  # noqa: BLE001 -- one row's failure: sample row by row, so only that row fails
+                results = []
+                for j, i in enumerate(rows):
+                    try:
+                        results.append(self._sample_rows([chunks[i]], logits[j:j + 1])[0])
+                    except Exception as exc:  # noqa: BLE001
+                        out.errors[chunks[i].request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+                        results.append(None)
+            for i, result in zip(rows, results):
+                if result is not None:
+                    token, logprobs = result
+                    out.sampled[chunks[i].request_id] = token
+                    if logprobs is not None:
+                        out.logprobs[chunks[i].request_id] = logprobs
         start = 0
         for c, q_len in zip(chunks, meta.query_lens_cpu):
             k = c.params.prompt_logprobs
             # Positions whose next token is still a prompt token get a prompt logprob.
             last = min(c.start_pos + q_len, c.num_prompt_tokens - 1)
-            if k is not None and last > c.start_pos:
+            if k is not None and last > c.start_pos and c.request_id not in out.errors:
                 n = last - c.start_pos
-                logits = self.model.compute_logits(hidden[start:start + n])
-                next_ids = c.prompt_ids[c.start_pos + 1:last + 1]
-                out.prompt_logprobs[c.request_id] = prompt_logprobs(logits, next_ids, k)
+                try:
+                    logits = self.model.compute_logits(hidden[start:start + n])
+                    next_ids = c.prompt_ids[c.start_pos + 1:last + 1]
+                    out.prompt_logprobs[c.request_id] = prompt_logprobs(logits, next_ids, k)
+                except Exception as exc:  # noqa: BLE001 -- this request's own failure
+                    out.errors[c.request_id] = f"prompt logprobs failed: {type(exc).__name__}: {exc}"
             start += q_len
         return out
+
+    def _sample_rows(self, chunks: list[SeqChunk], logits: torch.Tensor) -> list[tuple[int, tuple | None]]:
+        """(token, logprob info) per chunk, sampled as one batch."""
+        rows = [SamplerRow(c.params, self._generator(c), c.prompt_ids or [], c.output_ids or []) for c in chunks]
+        result = sample(logits, rows)
+        return list(zip(result.token_ids, result.logprobs))
 
     def _generator(self, chunk: SeqChunk) -> torch.Generator | None:
         if chunk.params.seed is None:

@@ -31,3 +31,4 @@ class StepOutput:
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, tuple] = field(default_factory=dict)
     prompt_logprobs: dict[str, list] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # request id -> why its own sampling/logprobs failed

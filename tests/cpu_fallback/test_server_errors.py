@@ -132,6 +132,19 @@ def test_too_long_is_400_with_both_numbers(server):
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, ["stream"]),
     ({"prompt": "hi", "logit_bias": {"1": 5}}, ["logit_bias"]),
     ({"prompt": "hi", "suffix": "x"}, ["suffix"]),
+    ({"prompt": "hi", "temperature": 1, "top_k": 100000000000000000000}, ["top_k"]),  # the issue's request
+    ({"prompt": "hi", "top_k": 10**6}, ["top_k", "vocabulary size"]),
+    ({"prompt": "hi", "seed": 2**64}, ["seed"]),
+    ({"prompt": "hi", "n": 129}, ["n"]),
+    ({"prompt": "hi", "best_of": 10**9}, ["best_of"]),
+    ({"prompt": "hi", "stop_token_ids": [10**9]}, ["stop_token_ids"]),
+    ({"prompt": "hi", "stop": ["x"] * 65}, ["stop"]),
+    ({"prompt": "hi", "stop_token_ids": list(range(1025))}, ["stop_token_ids"]),
+    ({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(1025)}}, ["logit_bias"]),
+    ({"prompt": "hi", "max_tokens": 2**70}, ["max_tokens"]),
+    ({"prompt": "\ud800"}, ["prompt", "surrogate"]),
+    ({"prompt": ["ok", "x\udfff"]}, ["prompt[1]", "surrogate"]),
+    ({"prompt": "hi", "stop": "\ud800"}, ["stop", "surrogate"]),
 ])
 def test_invalid_completion_values_are_400(server, body, words):
     assert_error(post(server, "/v1/completions", body), 400, *words)
@@ -146,9 +159,24 @@ def test_invalid_completion_values_are_400(server, body, words):
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, ["text"]),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, ["max_completion_tokens"]),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, ["tools"]),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, ["role", "wizard"]),
+    ({"messages": [{"role": "user"}]}, ["content"]),
+    ({"messages": [{"role": "user", "content": None}]}, ["content"]),
+    ({"messages": [{"role": "assistant"}]}, ["content"]),
+    ({"messages": [{"role": "user", "content": "a\ud800b"}]}, ["messages[0].content", "surrogate"]),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]}, ["surrogate"]),
 ])
 def test_invalid_chat_values_are_400(server, body, words):
     assert_error(post(server, "/v1/chat/completions", body), 400, *words)
+
+
+def test_lone_surrogates_and_invalid_utf8_are_400(server):
+    """Sent as raw JSON escapes (what a client writes for a str holding a lone surrogate)."""
+    assert_error(post(server, "/v1/completions", b'{"prompt": "\\ud800"}', raw=True), 400, "surrogate")
+    assert_error(post(server, "/tokenize", b'{"prompt": "\\ud800"}', raw=True), 400, "surrogate")
+    assert_error(post(server, "/v1/completions", b'{"prompt": "\xff\xfe"}', raw=True), 400)
+    assert_error(post(server, "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xc3"}]}',
+                      raw=True), 400)
 
 
 def test_invalid_tokenize_values_are_400(server):
