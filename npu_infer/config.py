@@ -47,6 +47,8 @@ class EngineConfig:
     trust_remote_code: bool = False
     chat_template: str | None = None
     quantization: str | None = None
+    # Seconds one step may take before the engine gives up on its workers (0: no limit); /health says 503 past it.
+    step_timeout: float = 300.0
     # Multi-node rendezvous (torch.distributed): rank 0's node runs the engine, others run `npu-infer worker`.
     nnodes: int = 1
     node_rank: int = 0

@@ -1,7 +1,7 @@
 """Block manager and scheduler on their own: refcounts, prefix hashing, LRU reuse, preemption order."""
 from __future__ import annotations
 
-from npu_infer.engine.block_manager import BlockManager
+from npu_infer.engine.block_manager import BlockManager, hash_block
 from npu_infer.engine.request import Request
 from npu_infer.engine.scheduler import Scheduler
 from npu_infer.sampling import SamplingParams
@@ -84,3 +84,49 @@ def test_scheduler_preempts_newest_and_frees_its_blocks():
     out = s.schedule()
     assert out.preempted == [b] and [r for r, _ in out.scheduled] == [a]
     assert b.num_computed_tokens == 0 and not b.block_ids and s.waiting[0] is b
+
+
+def test_finishing_queued_requests_keeps_the_rest_in_order():
+    """finish() takes a request out of the waiting queue by id (O(1)), wherever it stands."""
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
+    s = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=64)
+    queued = [req(str(i), [1, 2, 3]) for i in range(6)]
+    for r in queued:
+        s.add(r)
+    for i in (0, 3, 5):
+        s.finish(queued[i], "abort")
+    assert [r.request_id for r in s.waiting] == ["1", "2", "4"]
+    assert [r.request_id for r, _ in s.schedule().scheduled] == ["1"]
+    s.finish(queued[1], "abort")  # a running one
+    assert not s.running and [r.request_id for r in s.waiting] == ["2", "4"] and bm.num_free_blocks == 64
+
+
+def test_prefix_cache_keys_are_sha256_and_salted():
+    first = hash_block(None, (1, 2, 3, 4))
+    assert isinstance(first, bytes) and len(first) == 32
+    assert hash_block(None, (1, 2, 3, 4), "tenant-a") not in (first, hash_block(None, (1, 2, 3, 4), "tenant-b"))
+    assert hash_block(first, (5, 6, 7, 8)) != hash_block(None, (5, 6, 7, 8))
+
+
+def test_requests_with_different_salts_never_share_blocks():
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    a = req("a", list(range(9)))
+    a.cache_salt = "tenant-a"
+    compute_all(bm, a)
+    bm.free(a)
+    for salt, expected in (("tenant-b", 0), (None, 0), ("tenant-a", 8)):
+        r = req("r", list(range(9)))
+        r.cache_salt = salt
+        assert bm.find_cached_prefix(r) == expected, salt
+        bm.free(r)
+
+
+def test_a_lookup_checks_the_blocks_tokens_not_only_the_key():
+    """Even if two prefixes' keys collided, a hit needs the block's own tokens and parent."""
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    a = req("a", list(range(9)))
+    compute_all(bm, a)
+    bm.free(a)
+    forged = hash_block(None, (9, 9, 9, 9))
+    bm.cached[forged] = bm.cached[hash_block(None, (0, 1, 2, 3))]  # a collision, planted
+    assert bm.find_cached_prefix(req("b", [9, 9, 9, 9, 9])) == 0

@@ -6,6 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from npu_infer.api.limits import add_limit_args
 from npu_infer.config import LOAD_FORMATS, EngineConfig
 
 API_KEY_ENV = "NPU_INFER_API_KEY"
@@ -92,6 +93,9 @@ def make_parser() -> argparse.ArgumentParser:
     srv.add_argument("--uvicorn-log-level", default="info",
                      choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     srv.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between stats lines")
+    srv.add_argument("--disable-fastapi-docs", action="store_true",
+                     help="no /docs, /redoc or /openapi.json (they stay open without an API key otherwise)")
+    add_limit_args(p)
     return p
 
 
@@ -112,7 +116,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format, seed=args.seed, skip_tokenizer_init=args.skip_tokenizer_init,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         trust_remote_code=args.trust_remote_code, chat_template=args.chat_template, quantization=args.quantization,
-        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port)
+        step_timeout=args.step_timeout, nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
+        master_port=args.master_port)
 
 
 def served_model_names(args: argparse.Namespace, config: EngineConfig) -> list[str]:

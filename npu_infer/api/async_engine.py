@@ -2,8 +2,8 @@
 
 The engine is not thread-safe, so only its thread touches it: adds and aborts travel in through a
 thread-safe queue and are applied between steps, which is how concurrent HTTP requests join the running
-batch. Each step's outputs go back to the event loop in one call_soon_threadsafe, into per-request asyncio
-queues. When nothing is running the thread blocks on its queue. torch releases the GIL inside kernels,
+batch. Each step's outputs go back to the event loop in one call_soon_threadsafe, into per-request slots
+that keep only the newest snapshot. When nothing is running the thread blocks on its queue. torch releases the GIL inside kernels,
 so the event loop keeps serving HTTP while a step runs."""
 from __future__ import annotations
 
@@ -34,15 +34,30 @@ class EngineDeadError(RequestAborted):
 
 @dataclass
 class _Stream:
-    """One request's way back to its handler: filled on the event loop, read by `generate`."""
+    """One request's way back to its handler. It holds only the newest snapshot: snapshots are cumulative, so a
+    slow or stalled reader costs one snapshot of memory, however many steps it misses."""
     request_id: str
     loop: asyncio.AbstractEventLoop
     arrival: float = field(default_factory=time.monotonic)
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    latest: object = None             # the newest RequestOutput, or the exception that ends the stream
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
     first_token: float | None = None  # engine-thread bookkeeping for the latency histograms
     last_token: float | None = None
     num_tokens: int = 0
     finished: bool = False
+
+    def put(self, item: object) -> None:
+        """On the event loop. An exception or a final snapshot is never replaced: nothing comes after it."""
+        if isinstance(self.latest, BaseException) or getattr(self.latest, "finished", False):
+            return
+        self.latest = item
+        self.ready.set()
+
+    async def get(self) -> object:
+        await self.ready.wait()
+        self.ready.clear()
+        item, self.latest = self.latest, None
+        return item
 
 
 class AsyncEngine:
@@ -59,6 +74,7 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self.died = threading.Event()  # set when the engine thread stops on an error (the server then exits 1)
         self._closing = False
+        self._step_started: float | None = None  # monotonic time the running step began; None between steps
         self._snapshot = self._make_snapshot()
         on_failure = getattr(engine.executor, "on_failure", None)
         if on_failure is not None:  # a worker process that dies between steps stops the engine now, not later
@@ -110,13 +126,26 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._dead is None
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def step_running_for(self) -> float:
+        """Seconds the current step has been running (0 between steps): the watchdog's measure of progress."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests; those in flight go on (SIGTERM's drain)."""
+        self._closing = True
+
     def snapshot(self) -> dict:
         """The engine's counters as of its last step (a fresh dict each step; never mutated after)."""
         return self._snapshot
 
     async def generate(self, request_id: str, prompt: dict, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative snapshots of the request until it finishes; queued snapshots are merged (the
-        latest wins), so a slow reader never falls behind. Leaving early aborts the request."""
+        """Yield cumulative snapshots of the request until it finishes; a reader that falls behind gets only the
+        newest one (see _Stream). Leaving early aborts the request."""
         if self._closing:
             raise RequestAborted("the server is shutting down")
         if not self.is_alive:
@@ -125,9 +154,7 @@ class AsyncEngine:
         self._inbox.put(("add", stream, prompt, params))
         try:
             while True:
-                item = await stream.queue.get()
-                while not isinstance(item, BaseException) and not item.finished and not stream.queue.empty():
-                    item = stream.queue.get_nowait()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     stream.finished = True
                     raise item
@@ -223,6 +250,7 @@ class AsyncEngine:
             self._send([(stream, reason)])
 
     def _step(self) -> None:
+        self._step_started = time.monotonic()
         try:
             outputs = self.engine.step()
         except WorkerProcessError:
@@ -234,6 +262,8 @@ class AsyncEngine:
                 self.engine.abort_request(request_id)
                 self._send([(self._streams.pop(request_id), error)])
             return
+        finally:
+            self._step_started = None
         now = time.monotonic()
         batch = []
         for request_id, error in self.engine.take_failures().items():  # ours, one request each: a 500 / error frame
@@ -301,4 +331,4 @@ class AsyncEngine:
 
 def _deliver(group: list) -> None:
     for stream, item in group:
-        stream.queue.put_nowait(item)
+        stream.put(item)

@@ -8,11 +8,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from npu_infer.api.async_engine import RequestAborted
+from npu_infer.api.template_sandbox import TemplateError
 from npu_infer.api.errors import APIError, bad_request
 from npu_infer.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
                                     ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
                                     ChatResponseMessage, DeltaMessage, UsageInfo, random_id)
-from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, chat_logprobs,
+from npu_infer.api.serving import (SSE_DONE, json_response, ChoiceCursor, ClientGone, ServingContext, chat_logprobs,
                                    collect_until_disconnect, sse, stop_holdback, stream_failure,
                                    watch_disconnect)
 
@@ -23,17 +24,21 @@ _RESERVED_KWARGS = {"conversation", "tokenize", "chat_template", "return_dict", 
 def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True,
                 continue_final_message: bool = False, chat_template: str | None = None,
                 template_kwargs: dict | None = None) -> list[int]:
-    """The conversation as prompt token ids: the template renders the text, which already holds any BOS."""
+    """The conversation as prompt token ids: the template renders the text, which already holds any BOS.
+    Blocking (templates, tokenizing): handlers run it on a worker thread."""
     tokenizer = ctx.need_tokenizer("chat")
     try:
         conversation = [m.as_template_input() for m in messages]
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from exc
+    # chat_template_kwargs may set the template's own switches (add_generation_prompt too), not ours.
+    kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+              **{k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_KWARGS}}
+    if chat_template is not None:
+        text = _render_request_template(ctx, tokenizer, chat_template, conversation, kwargs)
+        return tokenizer.encode(text, add_special_tokens=False)
     try:
-        # chat_template_kwargs may set the template's own switches (add_generation_prompt too), not ours.
-        kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
-                  **{k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_KWARGS}}
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template, **kwargs)
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
     except ValueError as exc:  # no template, bad content parts
         raise bad_request(f"cannot apply the chat template: {exc}; start the server with --chat-template "
                           "if the model has none", "messages") from exc
@@ -43,10 +48,34 @@ def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def _render_request_template(ctx: ServingContext, tokenizer, template: str, conversation: list[dict],
+                             kwargs: dict) -> str:
+    """A template from the request is a program from the network: refused unless the server trusts request
+    templates, and then rendered in the sandbox's child process with a time and size limit (vLLM's
+    CVE-2025-61620 was a request template that froze the server)."""
+    if ctx.template_sandbox is None:
+        raise bad_request("a chat_template in the request is refused; leave it out, or start the server with "
+                          "--trust-request-chat-template", "chat_template")
+    variables = {**{k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+                 **kwargs, "messages": conversation}
+    try:
+        text = ctx.template_sandbox.render(template, variables)
+    except TemplateError as exc:
+        raise bad_request(str(exc), "chat_template") from exc
+    if kwargs.get("continue_final_message") and conversation:
+        final = conversation[-1]["content"]
+        if final not in text:
+            raise bad_request("continue_final_message: the template does not render the final message as given",
+                              "messages")
+        text = text[:text.rindex(final) + len(final)]  # as transformers does: cut what follows the final message
+    return text
+
+
 async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: ServingContext) -> Response:
     model = ctx.model_name(req.model)
-    prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt, req.continue_final_message,
-                             req.chat_template, req.chat_template_kwargs)
+    ctx.check_sequences(req.n)
+    prompt_ids = await asyncio.to_thread(render_chat, ctx, req.messages, req.add_generation_prompt,
+                                         req.continue_final_message, req.chat_template, req.chat_template_kwargs)
     max_tokens = req.max_completion_tokens or req.max_tokens or max(ctx.max_model_len - len(prompt_ids), 1)
     top_n = req.top_logprobs or 0
     try:
@@ -57,7 +86,8 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
     request_id = random_id("chatcmpl")
     created = int(time.time())
     start = time.monotonic()
-    stream = ctx.engine.generate(request_id, {"prompt_token_ids": prompt_ids}, params)
+    stream = ctx.engine.generate(request_id, {"prompt_token_ids": prompt_ids, "cache_salt": req.cache_salt},
+                                 params)
 
     def abort():
         ctx.engine.abort(request_id)
@@ -84,7 +114,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
     response = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
                                       usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                                                       total_tokens=len(prompt_ids) + completion_tokens))
-    return JSONResponse(response.model_dump(mode="json"))
+    return await json_response(response)
 
 
 async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext, model: str, request_id: str,

@@ -11,7 +11,7 @@ from npu_infer.api.async_engine import RequestAborted
 from npu_infer.api.errors import APIError, bad_request
 from npu_infer.api.protocol import (CompletionRequest, CompletionResponse, CompletionResponseChoice,
                                     CompletionResponseStreamChoice, CompletionStreamResponse, UsageInfo, random_id)
-from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, collect_until_disconnect,
+from npu_infer.api.serving import (SSE_DONE, json_response, ChoiceCursor, ClientGone, ServingContext, collect_until_disconnect,
                                    completion_logprobs, merge, prompt_logprobs_json, sse, stop_holdback,
                                    stream_failure, watch_disconnect)
 from npu_infer.outputs import RequestOutput
@@ -47,7 +47,8 @@ def _params(req: CompletionRequest, ctx: ServingContext, prompt_ids: list[int]) 
 
 async def create_completion(req: CompletionRequest, raw: Request, ctx: ServingContext) -> Response:
     model = ctx.model_name(req.model)
-    prompts = _prompts(ctx, req.prompt)
+    prompts = await asyncio.to_thread(_prompts, ctx, req.prompt)  # tokenizing a large prompt takes a while
+    ctx.check_sequences(len(prompts) * max(req.n, req.best_of or 1))
     params_list = []
     for i, (_, ids) in enumerate(prompts):
         params = _params(req, ctx, ids)
@@ -61,7 +62,8 @@ async def create_completion(req: CompletionRequest, raw: Request, ctx: ServingCo
     start = time.monotonic()
 
     def streams():
-        return [ctx.engine.generate(sub_id, {"prompt": text, "prompt_token_ids": ids}, params)
+        return [ctx.engine.generate(sub_id, {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt},
+                                    params)
                 for sub_id, (text, ids), params in zip(sub_ids, prompts, params_list)]
 
     def abort_all():
@@ -80,7 +82,7 @@ async def create_completion(req: CompletionRequest, raw: Request, ctx: ServingCo
         raise APIError(503, f"the request was aborted: {exc}") from exc
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
-    return JSONResponse(_response(req, ctx, model, request_id, created, prompts, finals, start).model_dump(mode="json"))
+    return await json_response(_response(req, ctx, model, request_id, created, prompts, finals, start))
 
 
 def _echo_text(ctx: ServingContext, prompt: tuple[str | None, list[int]]) -> str:

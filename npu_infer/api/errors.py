@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 # status -> OpenAI's error type
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          429: "rate_limit_exceeded",
           500: "internal_server_error", 503: "service_unavailable"}
 
 

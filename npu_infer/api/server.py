@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: `python -m npu_infer.api.server` / `npu-infer serve`, vLLM's flags.
 
 The engine is built (weights loaded, KV cache sized) before the port opens, so the server is ready when it
-answers. SIGINT / SIGTERM stop accepting connections, abort what is in flight, and exit 0."""
+answers. SIGINT / SIGTERM stop accepting connections, let what is in flight finish for up to --shutdown-timeout
+seconds, abort the rest, and exit 0; a second signal exits at once."""
 from __future__ import annotations
 
 import asyncio
@@ -23,20 +24,27 @@ from npu_infer.api.args import api_key as resolve_api_key, engine_config_from_ar
 from npu_infer.api.async_engine import AsyncEngine
 from npu_infer.api.chat import create_chat_completion, render_chat
 from npu_infer.api.completions import create_completion
-from npu_infer.api.errors import APIError, install_error_handlers
+from npu_infer.api.errors import APIError, error_body, install_error_handlers
+from npu_infer.api.limits import AdmissionMiddleware, ServerLimits, limits_from_args
 from npu_infer.api.metrics import CONTENT_TYPE, ServerMetrics
 from npu_infer.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                                     ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from npu_infer.api.serving import ServingContext
+from npu_infer.api.template_sandbox import TemplateSandbox
 from npu_infer.platform.interface import DeviceUnavailableError
 
 logger = logging.getLogger("npu_infer.api.server")
 
 
 def build_app(engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics, api_key: str | None = None,
-              log_requests: bool = True, log_stats_interval: float | None = 10.0) -> FastAPI:
+              log_requests: bool = True, log_stats_interval: float | None = 10.0,
+              limits: ServerLimits | None = None, enable_docs: bool = True) -> FastAPI:
     """The FastAPI app around a started-or-not AsyncEngine; the app's lifespan starts and stops it."""
-    ctx = ServingContext(engine, model_names, log_requests)
+    limits = limits or ServerLimits()
+    sandbox = (TemplateSandbox(limits.chat_template_timeout, limits.chat_template_max_chars)
+               if limits.trust_request_chat_template else None)
+    ctx = ServingContext(engine, model_names, log_requests, limits, sandbox)
+    step_timeout = engine.engine.config.step_timeout
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -47,10 +55,14 @@ def build_app(engine: AsyncEngine, model_names: list[str], metrics: ServerMetric
         finally:
             if stats is not None:
                 stats.cancel()
+            if sandbox is not None:
+                sandbox.close()
             await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="npu_infer", version=__version__, lifespan=lifespan)
+    docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="npu_infer", version=__version__, lifespan=lifespan, **docs)
     install_error_handlers(app)
+    app.add_middleware(AdmissionMiddleware, limits=limits, closing=lambda: engine.closing)
     app.state.ctx = ctx
 
     async def check_api_key(request: Request) -> None:
@@ -67,8 +79,11 @@ def build_app(engine: AsyncEngine, model_names: list[str], metrics: ServerMetric
     @app.get("/health")
     async def health() -> Response:
         if not engine.is_alive:
-            return JSONResponse({"error": {"message": "the engine is not running", "type": "service_unavailable",
-                                           "param": None, "code": 503}}, status_code=503)
+            return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
+        stalled = engine.step_running_for()
+        if step_timeout and stalled > step_timeout:  # a hung device or a rank that stopped answering
+            return JSONResponse(error_body(503, f"the engine has made no progress for {stalled:.0f} s "
+                                                f"(--step-timeout {step_timeout:g})"), status_code=503)
         return Response(status_code=200)
 
     @app.get("/version")
@@ -97,9 +112,9 @@ def build_app(engine: AsyncEngine, model_names: list[str], metrics: ServerMetric
     async def tokenize(body: TokenizeRequest) -> dict:
         ctx.model_name(body.model)
         if body.messages is not None:
-            ids = render_chat(ctx, body.messages, body.add_generation_prompt)
+            ids = await asyncio.to_thread(render_chat, ctx, body.messages, body.add_generation_prompt)
         else:
-            ids = ctx.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await asyncio.to_thread(ctx.encode, body.prompt, add_special_tokens=body.add_special_tokens)
         strs = ctx.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=ctx.max_model_len, tokens=ids,
                                 token_strs=strs).model_dump()
@@ -136,15 +151,25 @@ async def _log_stats(engine: AsyncEngine, interval: float) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, but a signal aborts the requests in flight at once, and the process exits 0 afterwards."""
+    """uvicorn, with SIGTERM's drain: the first signal stops accepting and lets the requests in flight finish for
+    up to `shutdown_timeout` seconds, then aborts them (each stream gets an error event saying why); a second
+    signal aborts them and exits at once. The process exits 0 either way."""
 
-    def __init__(self, config: uvicorn.Config, on_exit):
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float):
         super().__init__(config)
-        self.on_exit = on_exit
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
 
     def handle_exit(self, sig: int, frame) -> None:
-        if not self.should_exit:
-            self.on_exit()
+        if self.should_exit:  # the second signal
+            self.engine.abort_all()
+            self.force_exit = True
+        else:
+            logger.info("draining: no new requests; up to %g s for the %d in flight", self.shutdown_timeout,
+                        self.engine.snapshot().get("in_flight", 0))
+            self.engine.begin_shutdown()
+            timer = threading.Timer(self.shutdown_timeout, self.engine.abort_all)
+            timer.daemon = True
+            timer.start()
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
@@ -189,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         config = engine_config_from_args(args)
+        limits = limits_from_args(args)
         from npu_infer.engine.llm_engine import LLMEngine
         metrics = ServerMetrics(served_model_names(args, config)[0])
         engine = AsyncEngine.build(lambda: LLMEngine(config), metrics)  # built on the thread that steps it
@@ -204,13 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     names = served_model_names(args, config)
     app = build_app(engine, names, metrics, api_key=resolve_api_key(args),
                     log_requests=not args.disable_log_requests,
-                    log_stats_interval=None if args.disable_log_stats else args.log_stats_interval)
+                    log_stats_interval=None if args.disable_log_stats else args.log_stats_interval,
+                    limits=limits, enable_docs=not args.disable_fastapi_docs)
     host = args.host if args.host is not None else "0.0.0.0"
     url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{args.port}"
     _log_startup(llm_engine, url, started)
     uv_config = uvicorn.Config(app, host=host, port=args.port, log_level=args.uvicorn_log_level,
-                               access_log=not args.disable_uvicorn_access_log, timeout_keep_alive=5)
-    server = _Server(uv_config, on_exit=engine.abort_all)
+                               access_log=not args.disable_uvicorn_access_log, timeout_keep_alive=5,
+                               # after the drain's abort, a client that reads nothing more is cut off
+                               timeout_graceful_shutdown=limits.shutdown_timeout + 5)
+    server = _Server(uv_config, engine, limits.shutdown_timeout)
     threading.Thread(target=_stop_when_engine_dies, args=(engine, server), daemon=True).start()
     try:
         server.run()
@@ -221,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: could not serve on {host}:{args.port} (is the port in use?)", file=sys.stderr)
             engine.shutdown(timeout=5)
             return 1
+    engine.shutdown(timeout=5)  # done already unless a second signal skipped the app's shutdown; stops the workers
     return 1 if engine.died.is_set() else 0
 
 

@@ -10,9 +10,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from npu_infer.api.async_engine import AsyncEngine, RequestAborted
 from npu_infer.api.errors import APIError, bad_request, error_body
+from npu_infer.api.limits import ServerLimits
+from npu_infer.api.template_sandbox import TemplateSandbox
 from npu_infer.api.protocol import ChatCompletionLogProbs, ChatLogProb, ChatLogProbsContent, CompletionLogProbs
 from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
 from npu_infer.sampling import SamplingParams
@@ -26,6 +30,15 @@ class ServingContext:
     engine: AsyncEngine
     model_names: list[str]
     log_requests: bool = True
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    template_sandbox: TemplateSandbox | None = None  # set when request chat templates are trusted
+
+    def check_sequences(self, num_sequences: int) -> None:
+        """Prompts x max(n, best_of): what one request may start."""
+        cap = self.limits.max_sequences_per_request
+        if num_sequences > cap:
+            raise bad_request(f"this request would start {num_sequences} sequences (prompts x n or best_of); "
+                              f"the server's limit is {cap} (--max-sequences-per-request)", "n")
 
     @property
     def llm(self):
@@ -87,6 +100,11 @@ class ServingContext:
                     prompt_tokens, sum(len(o.token_ids) for o in outputs), reasons, ttft, time.monotonic() - start)
 
 
+async def json_response(response: BaseModel) -> JSONResponse:
+    """Encoded on a worker thread: a response with many choices and logprobs takes a while to serialize."""
+    return await asyncio.to_thread(lambda: JSONResponse(response.model_dump(mode="json")))
+
+
 def sampling_error(exc: ValueError) -> APIError:
     return bad_request(str(exc))
 
@@ -138,7 +156,7 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
         async for out in streams[0]:
             yield 0, out
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=2 * len(streams))  # bounded: a slow reader holds the pumps
     done = object()
 
     async def pump(i: int, stream):

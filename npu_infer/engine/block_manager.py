@@ -1,8 +1,12 @@
 """Paged KV blocks: a pool with refcounts, and hash-based prefix caching with LRU reuse of freed blocks.
 
-Counts blocks and hashes only; it never touches tensors."""
+Counts blocks and hashes only; it never touches tensors. A block's key is SHA-256 over its parent's key and its
+tokens (and, for the first block, the request's cache_salt): keys cannot be made to collide as Python's hash()
+could, a lookup also compares the block's tokens and parent, and tenants with different salts never share."""
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -13,12 +17,19 @@ from npu_infer.engine.request import Request
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None
+    block_hash: bytes | None = None
+    parent_hash: bytes | None = None      # what the cached contents were computed after
+    token_ids: tuple[int, ...] = ()       # the cached contents' tokens, checked on every hit
 
 
-def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    """A full block's identity: its tokens and everything before them (through the parent's hash)."""
-    return hash((parent_hash, token_ids))
+def hash_block(parent_hash: bytes | None, token_ids: tuple[int, ...], salt: str | None = None) -> bytes:
+    """A full block's identity: its tokens and everything before them (through the parent's key); the salt
+    goes into the first block, so it separates whole prefixes."""
+    h = hashlib.sha256(parent_hash if parent_hash is not None else b"npu_infer-root")
+    h.update(array("q", token_ids).tobytes())
+    if parent_hash is None and salt:
+        h.update(b"salt:" + salt.encode("utf-8"))
+    return h.digest()
 
 
 class BlockManager:
@@ -28,7 +39,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in eviction order (front = least recently freed); a cached block keeps its hash here.
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[bytes, int] = {}  # block key -> block id
         self.prefix_queries = 0  # prompt tokens looked up in the cache
         self.prefix_hits = 0     # of those, tokens found
 
@@ -56,12 +67,15 @@ class BlockManager:
         self.prefix_queries += request.num_tokens
         parent = None
         hits: list[int] = []
-        hashes: list[int] = []
+        hashes: list[bytes] = []
         for i in range(max_blocks):
             tokens = tuple(request.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            block_hash = hash_block(parent, tokens)
+            block_hash = hash_block(parent, tokens, request.cache_salt)
             block_id = self.cached.get(block_hash)
             if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if block.token_ids != tokens or block.parent_hash != parent:  # never trust a key alone
                 break
             hits.append(block_id)
             hashes.append(block_hash)
@@ -94,12 +108,13 @@ class BlockManager:
         parent = request.block_hashes[-1] if request.block_hashes else None
         for i in range(len(request.block_hashes), num_full):
             tokens = tuple(request.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            parent = hash_block(parent, tokens)
-            request.block_hashes.append(parent)
+            block_hash = hash_block(parent, tokens, request.cache_salt)
+            request.block_hashes.append(block_hash)
             block = self.blocks[request.block_ids[i]]
-            if block.block_hash is None and parent not in self.cached:
-                block.block_hash = parent
-                self.cached[parent] = block.block_id
+            if block.block_hash is None and block_hash not in self.cached:
+                block.block_hash, block.parent_hash, block.token_ids = block_hash, parent, tokens
+                self.cached[block_hash] = block.block_id
+            parent = block_hash
 
     def free(self, request: Request) -> None:
         """Return the request's blocks; tail blocks first, so they are evicted before shared prefixes."""
@@ -126,4 +141,4 @@ class BlockManager:
         if block.block_hash is not None:
             if self.cached.get(block.block_hash) == block_id:
                 del self.cached[block.block_hash]
-            block.block_hash = None
+            block.block_hash, block.parent_hash, block.token_ids = None, None, ()

@@ -140,8 +140,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, prompt_ids = self.tokenize_prompt(prompt)
         self.validate(prompt_ids, params)
-        children = [Request(request_id if params.n == 1 else f"{request_id}#{i}", prompt_ids, params, text, index=i)
-                    for i in range(params.n)]
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        children = [Request(request_id if params.n == 1 else f"{request_id}#{i}", prompt_ids, params, text, index=i,
+                            cache_salt=salt) for i in range(params.n)]
         parent = ParentRequest(request_id, text, prompt_ids, params, children)
         if params.prompt_logprobs is not None:
             parent.prompt_logprobs = [None]

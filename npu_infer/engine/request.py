@@ -28,7 +28,8 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0          # prompt tokens served from the prefix cache
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # hashes of this request's full blocks so far
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
+    cache_salt: str | None = None       # prefix-cache isolation: only requests with the same salt share blocks
     logprobs: list | None = None
     prompt_logprobs: list | None = None
     cumulative_logprob: float = 0.0

@@ -2,7 +2,7 @@
 when blocks run out, the newest running request is preempted and recomputed later."""
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from npu_infer.engine.block_manager import BlockManager
@@ -22,12 +22,43 @@ class SchedulerOutput:
         return bool(self.scheduled)
 
 
+class WaitingQueue:
+    """First-in first-out, with O(1) removal from anywhere (aborting W queued requests costs O(W), not O(W^2))."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, Request] = OrderedDict()
+
+    def append(self, request: Request) -> None:
+        self._items[request.request_id] = request
+
+    def appendleft(self, request: Request) -> None:
+        self._items[request.request_id] = request
+        self._items.move_to_end(request.request_id, last=False)
+
+    def popleft(self) -> Request:
+        return self._items.popitem(last=False)[1]
+
+    def remove(self, request: Request) -> bool:
+        return self._items.pop(request.request_id, None) is not None
+
+    def __getitem__(self, index: int) -> Request:
+        if index != 0:
+            raise IndexError("only the head of the waiting queue can be read")
+        return next(iter(self._items.values()))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self):
+        return iter(self._items.values())
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.num_preemptions = 0
 
@@ -91,9 +122,9 @@ class Scheduler:
         """Take a request out wherever it is and give its blocks back."""
         if request.status is Status.FINISHED:
             return
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
+        if request.status is Status.RUNNING:
+            self.running.remove(request)  # at most max_num_seqs long
+        else:
             self.waiting.remove(request)
         self.blocks.free(request)
         request.status = Status.FINISHED

@@ -21,8 +21,7 @@ def weight_files(path: str, load_format: str) -> list[Path]:
     if load_format in ("auto", "safetensors"):
         index = root / "model.safetensors.index.json"
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [root / n for n in names]
+            return index_files(root, index)
         files = sorted(root.glob("*.safetensors"))
         if files:
             return files
@@ -30,11 +29,29 @@ def weight_files(path: str, load_format: str) -> list[Path]:
             raise ValueError(f"no .safetensors files in {path}")
     index = root / "pytorch_model.bin.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [root / n for n in names]
+        return index_files(root, index)
     files = sorted(list(root.glob("*.bin")) + list(root.glob("*.pt")) + list(root.glob("*.pth")))
     if not files:
         raise ValueError(f"no weight files (.safetensors, .bin, .pt) in {path}")
+    return files
+
+
+def index_files(root: Path, index: Path) -> list[Path]:
+    """The shard files an index names; each must be a plain file name inside the model directory (an index
+    from the network must not make the loader open /etc/passwd or ../other-model)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index} is not a valid index file: {exc}") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names")
+    base = root.resolve()
+    files = []
+    for name in sorted(set(weight_map.values())):
+        path = (root / name).resolve() if isinstance(name, str) else None
+        if path is None or Path(name).is_absolute() or not path.is_relative_to(base):
+            raise ValueError(f"{index}: the shard {name!r} is outside the model directory; refused")
+        files.append(root / name)
     return files
 
 

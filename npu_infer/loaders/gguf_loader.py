@@ -225,7 +225,25 @@ def _config_dict(reader, path: str) -> dict[str, Any]:
         tid = _field(reader, f"tokenizer.ggml.{gguf_key}_token_id")
         if tid is not None:
             cfg[f"{hf_key}_token_id"] = int(tid)
+    _check_sizes(cfg, path)
     return cfg
+
+
+# Upper bounds on header values that size allocations (the rotary table, embeddings, layers): far above any real
+# model, far below what would exhaust memory before a check could say what is wrong.
+_SIZE_LIMITS = {"hidden_size": 2**17, "intermediate_size": 2**20, "num_hidden_layers": 2**12,
+                "num_attention_heads": 2**12, "num_key_value_heads": 2**12, "vocab_size": 2**23,
+                "max_position_embeddings": 2**22, "head_dim": 2**12}
+
+
+def _check_sizes(cfg: dict[str, Any], path: str) -> None:
+    for key, limit in _SIZE_LIMITS.items():
+        value = cfg.get(key)
+        if value is not None and not 1 <= value <= limit:
+            raise _invalid(path, f"{key} = {value} is out of range [1, {limit}]")
+    if cfg["num_key_value_heads"] > cfg["num_attention_heads"]:
+        raise _invalid(path, f"{cfg['num_key_value_heads']} KV heads exceed {cfg['num_attention_heads']} "
+                             "attention heads")
 
 
 def load_gguf_config(path: str | os.PathLike[str]):

@@ -1,6 +1,10 @@
-"""What crosses from the engine to the workers each step, and back: plain data, picklable."""
+"""What crosses from the engine to the workers each step, and back: plain data. Between the processes of one
+node it is pickled (a pipe to a child we spawned); between nodes it travels as JSON of known types
+(encode_message / decode_message), so bytes from the network are never unpickled."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from npu_infer.sampling import SamplingParams
@@ -32,3 +36,49 @@ class StepOutput:
     logprobs: dict[str, tuple] = field(default_factory=dict)
     prompt_logprobs: dict[str, list] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why its own sampling/logprobs failed
+
+
+# ---- the wire format between nodes ------------------------------------------------------------------------------
+_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+_CHUNK_FIELDS = tuple(f.name for f in dataclasses.fields(SeqChunk) if f.name != "params")
+
+
+def _plain_chunk(chunk: SeqChunk) -> dict:
+    plain = {name: getattr(chunk, name) for name in _CHUNK_FIELDS}
+    plain["params"] = {name: getattr(chunk.params, name) for name in _PARAM_FIELDS}
+    return plain
+
+
+def _chunk(plain: dict) -> SeqChunk:
+    params = SamplingParams(**{k: v for k, v in plain["params"].items() if k in _PARAM_FIELDS})
+    return SeqChunk(params=params, **{k: plain[k] for k in _CHUNK_FIELDS})
+
+
+def encode_message(method: str, arg: object) -> bytes:
+    """(method, argument) as JSON bytes; the argument a StepInput, a StepOutput, an int, a dict or None."""
+    if isinstance(arg, StepInput):
+        body = {"type": "StepInput", "chunks": [_plain_chunk(c) for c in arg.chunks],
+                "finished_ids": list(arg.finished_ids)}
+    elif isinstance(arg, StepOutput):
+        body = {"type": "StepOutput", **dataclasses.asdict(arg)}
+    elif arg is None or isinstance(arg, (int, float, str, dict)):
+        body = {"type": "plain", "value": arg}
+    else:
+        raise TypeError(f"cannot send a {type(arg).__name__} to another node")
+    return json.dumps([method, body], separators=(",", ":")).encode()
+
+
+def decode_message(data: bytes) -> tuple[str, object]:
+    """The inverse of encode_message; anything else is a ValueError (nothing is executed or imported)."""
+    try:
+        method, body = json.loads(data.decode("utf-8"))
+        kind = body["type"]
+        if kind == "StepInput":
+            return method, StepInput([_chunk(c) for c in body["chunks"]], list(body["finished_ids"]))
+        if kind == "StepOutput":
+            return method, StepOutput(**{f.name: body[f.name] for f in dataclasses.fields(StepOutput)})
+        if kind == "plain":
+            return method, body["value"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"a step message from another node is malformed: {type(exc).__name__}: {exc}") from None
+    raise ValueError(f"a step message from another node has an unknown type {kind!r}")

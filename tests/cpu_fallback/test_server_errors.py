@@ -57,9 +57,17 @@ def test_missing_or_wrong_key_is_401(server):
     assert post(server, "/tokenize", {"prompt": "hi"}, key=None).status_code == 401
 
 
-def test_health_and_metrics_stay_open(server):
+def test_health_metrics_version_and_docs_stay_open(server):
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
     assert "vllm:num_requests_running" in requests.get(server.url + "/metrics", timeout=10).text
+    for path in ("/version", "/docs", "/openapi.json"):  # documented in docs/server.md
+        assert requests.get(server.url + path, timeout=10).status_code == 200, path
+
+
+def test_a_request_chat_template_is_refused_unless_trusted(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ messages[0].content }}"}
+    error = assert_error(post(server, "/v1/chat/completions", body), 400, "--trust-request-chat-template")
+    assert error["param"] == "chat_template"
 
 
 def test_openai_client_with_key(server):

@@ -1,0 +1,45 @@
+"""Step messages between nodes are JSON of known types: a StepInput / StepOutput comes back equal, and bytes that
+are not such a message (a pickle, say) are refused without being executed."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+
+from npu_infer.sampling import SamplingParams
+from npu_infer.worker.step_io import SeqChunk, StepInput, StepOutput, decode_message, encode_message
+
+
+def test_step_input_and_output_round_trip():
+    params = SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=5, seed=2**63 - 1, stop=["\n", "。"],
+                            stop_token_ids=[7], logprobs=3, prompt_logprobs=1, repetition_penalty=1.1)
+    step = StepInput([SeqChunk("r#1", [5, 6], 3, [0, 4], True, params, 1, [1, 2, 3, 5, 6], [9], 5),
+                      SeqChunk("s", [1], 0, [2], False, SamplingParams())], finished_ids=["old"])
+    method, decoded = decode_message(encode_message("execute", step))
+    assert method == "execute" and decoded == step
+    out = StepOutput(sampled={"r#1": 3}, logprobs={"r#1": (-0.5, 1, [3, 4], [-0.5, float("-inf")])},
+                     prompt_logprobs={"r#1": [(-1.0, 2, [8], [-0.2])]}, errors={"s": "sampling failed"})
+    _, back = decode_message(encode_message("ok", out))
+    assert back.sampled == out.sampled and back.errors == out.errors
+    assert [tuple(x) for x in back.prompt_logprobs["r#1"]] == [(-1.0, 2, [8], [-0.2])]
+    assert tuple(back.logprobs["r#1"]) == out.logprobs["r#1"]
+    assert decode_message(encode_message("init_kv_cache", 12)) == ("init_kv_cache", 12)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/npu_infer_wire_pwned",))
+
+
+@pytest.mark.parametrize("data", [pickle.dumps(("execute", _Boom())), b"\x80\x04junk", b'["execute", {"type": "X"}]',
+                                  b'["execute", {"type": "StepInput", "chunks": [{"params": {}}]}]'])
+def test_anything_else_is_refused_unexecuted(data):
+    with pytest.raises(ValueError, match="another node"):
+        decode_message(data)
+    assert not os.path.exists("/tmp/npu_infer_wire_pwned")
+
+
+def test_objects_without_a_wire_form_are_not_sent():
+    with pytest.raises(TypeError, match="cannot send"):
+        encode_message("execute", object())
