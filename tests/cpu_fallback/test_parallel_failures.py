@@ -102,3 +102,40 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is not running
+
+
+def test_a_rank_that_stops_answering_turns_health_503_then_stops_the_server(tiny_dir, tmp_path):
+    """SIGSTOP (a hung device looks the same): the step watchdog (--step-timeout) makes /health say 503, then gives
+    the step up; the server exits 1, naming the cause, and no worker process is left."""
+    import requests
+    server = ServerProcess(["--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "--max-model-len", "512",
+                            "--kv-cache-memory", "4MiB", "--skip-tokenizer-init", "--disable-log-stats", "-tp", "2",
+                            "--step-timeout", "4"], tmp_path / "server.log")
+    pids = re.search(r"worker processes: rank 0 pid (\d+), rank 1 pid (\d+)", server.log())
+    try:
+        assert pids, server.log()[-2000:]
+        stream = requests.post(server.url + "/v1/completions", stream=True, timeout=60, json={
+            "prompt": [1, 2, 3], "max_tokens": 400, "ignore_eos": True, "stream": True})
+        assert next(line for line in stream.iter_lines() if line.startswith(b"data: {"))
+        os.kill(int(pids.group(2)), signal.SIGSTOP)
+        statuses = []
+        while server.proc.poll() is None:
+            try:
+                statuses.append(requests.get(server.url + "/health", timeout=2).status_code)
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+            assert len(statuses) < 200, "the server never gave the step up"
+        assert statuses[0] == 200 and 503 in statuses, statuses
+        assert server.proc.returncode == 1
+        assert "within the step timeout of 4 s" in server.log()
+        time.sleep(1)
+        assert not any(_alive(int(pid)) for pid in pids.groups())
+    finally:
+        if pids:
+            for pid in pids.groups():
+                try:
+                    os.kill(int(pid), signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        server.stop()

@@ -191,3 +191,20 @@ def test_nothing_left_behind(server):
     m = server.wait_idle()
     assert m["npu_infer:kv_cache_blocks_used"] == 0 and m["vllm:num_requests_running"] == 0
     assert "Traceback" not in server.log()
+
+
+def test_a_second_sigterm_exits_at_once(server):
+    """Runs last: stops the module's server. A reader that stalls keeps a stream open through the 30 s drain; a
+    second SIGTERM ends it at once, exit code 0."""
+    import signal
+    stalled = requests.post(server.url + "/v1/completions", stream=True, timeout=120, json={
+        "prompt": "hi", "max_tokens": 500, "ignore_eos": True, "stream": True, "logprobs": 5})
+    assert stalled.status_code == 200  # ~1 KB per event, never read: more than the socket buffers hold
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(2.0)
+    assert server.proc.poll() is None  # draining
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0
+    assert time.monotonic() - start < 10
+    stalled.close()
