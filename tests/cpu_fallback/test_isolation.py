@@ -42,9 +42,9 @@ def eight_and_one_bad(llm: LLM, sabotage) -> tuple[dict, dict]:
     return finished, engine.take_failures()
 
 
-def past_the_door_top_k(engine, params: SamplingParams) -> None:
-    """The issue's top_k, set after the door's check: the sampler itself raises (int64 overflow)."""
-    params.top_k = 100000000000000000000
+def past_the_door_logprobs(engine, params: SamplingParams) -> None:
+    """A logprobs count past the vocabulary, set after the door's check: the sampler's top-k itself raises."""
+    params.logprobs = 10**6
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
@@ -53,7 +53,7 @@ def test_a_request_failing_in_the_sampler_ends_alone(tiny_dir, tp, pp):
     try:
         reference = {f"good-{i}": out.outputs[0].token_ids
                      for i, out in enumerate(llm.generate(PROMPTS, GOOD))}
-        finished, failures = eight_and_one_bad(llm, past_the_door_top_k)
+        finished, failures = eight_and_one_bad(llm, past_the_door_logprobs)
         assert set(failures) == {"bad"} and isinstance(failures["bad"], RequestFailedError)
         assert "sampling failed" in str(failures["bad"]) and "bad" not in finished
         assert finished == reference  # all eight complete, with the tokens they have without the bad one
@@ -92,7 +92,7 @@ def test_offline_generate_raises_the_failure_and_frees_everything(tiny_dir):
         def add_then_sabotage(request_id, prompt, params):
             original(request_id, prompt, params)
             if params is bad:
-                past_the_door_top_k(llm.engine, params)
+                past_the_door_logprobs(llm.engine, params)
 
         llm.engine.add_request = add_then_sabotage
         with pytest.raises(RequestFailedError, match="sampling failed"):
