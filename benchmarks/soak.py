@@ -63,8 +63,8 @@ class Client:
                                      for _ in range(self.rng.randint(4, 60)))
 
     def completion(self) -> int:
-        return self._post("/v1/completions", {"prompt": self._prompt(), "max_tokens": self.rng.randint(4, self.max_tokens),
-                                              "temperature": self.rng.choice([0, 0.8]), "top_p": 0.95})[0]
+        return self._post("/v1/completions", {"prompt": self._prompt(), "temperature": self.rng.choice([0, 0.8]),
+                                              "max_tokens": self.rng.randint(4, self.max_tokens), "top_p": 0.95})[0]
 
     def chat(self) -> int:
         return self._post("/v1/chat/completions", {"messages": [{"role": "user", "content": self._prompt()}],

@@ -3,8 +3,8 @@
 The engine is not thread-safe, so only its thread touches it: adds and aborts travel in through a
 thread-safe queue and are applied between steps, which is how concurrent HTTP requests join the running
 batch. Each step's outputs go back to the event loop in one call_soon_threadsafe, into per-request slots
-that keep only the newest snapshot. When nothing is running the thread blocks on its queue. torch releases the GIL inside kernels,
-so the event loop keeps serving HTTP while a step runs."""
+that keep only the newest snapshot. When nothing is running the thread blocks on its queue. torch releases
+the GIL inside kernels, so the event loop keeps serving HTTP while a step runs."""
 from __future__ import annotations
 
 import asyncio

@@ -5,7 +5,7 @@ import asyncio
 import time
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from npu_infer.api.async_engine import RequestAborted
 from npu_infer.api.template_sandbox import TemplateError
@@ -13,8 +13,8 @@ from npu_infer.api.errors import APIError, bad_request
 from npu_infer.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
                                     ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
                                     ChatResponseMessage, DeltaMessage, UsageInfo, random_id)
-from npu_infer.api.serving import (SSE_DONE, json_response, ChoiceCursor, ClientGone, ServingContext, chat_logprobs,
-                                   collect_until_disconnect, sse, stop_holdback, stream_failure,
+from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, chat_logprobs,
+                                   collect_until_disconnect, json_response, sse, stop_holdback, stream_failure,
                                    watch_disconnect)
 
 

@@ -5,15 +5,15 @@ import asyncio
 import time
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from npu_infer.api.async_engine import RequestAborted
 from npu_infer.api.errors import APIError, bad_request
 from npu_infer.api.protocol import (CompletionRequest, CompletionResponse, CompletionResponseChoice,
                                     CompletionResponseStreamChoice, CompletionStreamResponse, UsageInfo, random_id)
-from npu_infer.api.serving import (SSE_DONE, json_response, ChoiceCursor, ClientGone, ServingContext, collect_until_disconnect,
-                                   completion_logprobs, merge, prompt_logprobs_json, sse, stop_holdback,
-                                   stream_failure, watch_disconnect)
+from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, collect_until_disconnect,
+                                   completion_logprobs, json_response, merge, prompt_logprobs_json, sse,
+                                   stop_holdback, stream_failure, watch_disconnect)
 from npu_infer.outputs import RequestOutput
 from npu_infer.sampling import SamplingParams
 

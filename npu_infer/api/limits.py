@@ -75,8 +75,9 @@ class AdmissionMiddleware:
         if scope["method"] in ("POST", "PUT", "PATCH"):
             body = await self._read_body(receive)
             if body is None:
-                return await _refuse(send, 413, f"the request body is larger than the server's limit of "
-                                                f"{self.limits.max_request_body_bytes} bytes (--max-request-body-bytes)")
+                limit = self.limits.max_request_body_bytes
+                return await _refuse(send, 413, f"the request body is larger than the server's limit of {limit} "
+                                                "bytes (--max-request-body-bytes)")
             receive = _replay(body, receive)
         if not generation:
             return await self.app(scope, receive, send)

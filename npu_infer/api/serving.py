@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from npu_infer.api.async_engine import AsyncEngine, RequestAborted
 from npu_infer.api.errors import APIError, bad_request, error_body
 from npu_infer.api.limits import ServerLimits
-from npu_infer.api.template_sandbox import TemplateSandbox
 from npu_infer.api.protocol import ChatCompletionLogProbs, ChatLogProb, ChatLogProbsContent, CompletionLogProbs
+from npu_infer.api.template_sandbox import TemplateSandbox
 from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
 from npu_infer.sampling import SamplingParams
 

@@ -455,7 +455,11 @@ class MultiprocExecutor:
                 if status == "error":
                     errors.append((payload[0], rank, payload[1]))
         failed = {rank for _, rank, _ in errors}
-        dead = [r for r, p in zip(self.local_ranks, self.procs) if r not in failed and not p.is_alive()]
+        # A ready sentinel means the process is exiting, even while waitpid cannot reap it yet (is_alive() is
+        # still True for that moment, long under load).
+        exiting = set(wait([p.sentinel for p in self.procs], 0))
+        dead = [r for r, p in zip(self.local_ranks, self.procs)
+                if r not in failed and (p.sentinel in exiting or not p.is_alive())]
         if errors or dead:
             self._report(errors, dead, "idle time")
 
