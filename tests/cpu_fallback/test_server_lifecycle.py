@@ -42,11 +42,17 @@ def test_npu_infer_serve_is_the_same_command(capsys):
 
 
 def test_api_key_from_the_environment(monkeypatch):
-    from npu_infer.api.args import api_key, make_parser
+    from npu_infer.api.args import api_keys, make_parser
+    monkeypatch.delenv("NPU_INFER_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-vllm-env")
+    assert api_keys(make_parser().parse_args([])) == ["from-vllm-env"]
     monkeypatch.setenv("NPU_INFER_API_KEY", "from-env")
-    assert api_key(make_parser().parse_args([])) == "from-env"
-    assert api_key(make_parser().parse_args(["--api-key", "flag"])) == "flag"
+    assert api_keys(make_parser().parse_args([])) == ["from-env"]
+    assert api_keys(make_parser().parse_args(["--api-key", "flag", "second"])) == ["flag", "second"]
     assert "from-env" not in make_parser().format_help()  # --help never shows the key
+    monkeypatch.delenv("NPU_INFER_API_KEY")
+    monkeypatch.delenv("VLLM_API_KEY")
+    assert api_keys(make_parser().parse_args([])) == []
 
 
 def test_vllm_command_line_parses_to_the_same_config():
@@ -65,7 +71,7 @@ def test_vllm_command_line_parses_to_the_same_config():
     assert (config.tensor_parallel_size, config.served_model_name, config.dtype, config.max_model_len,
             config.load_format, config.chat_template, config.skip_tokenizer_init) == (
         2, "a", "bfloat16", 512, "gguf", "t.jinja", True)
-    assert long.api_key == "k"
+    assert long.api_key == ["k"]
 
 
 def test_missing_default_model_says_how_to_install(tmp_path):
