@@ -124,13 +124,16 @@ def default_server(smollm2_gguf, tmp_path_factory):
 
 def test_default_model_serves_the_seed_request(default_server):
     models = requests.get(default_server.url + "/v1/models", timeout=10).json()["data"]
-    assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct"] and models[0]["root"].endswith(".gguf")
+    # The default model also answers to its file name, which README's (the seed's) request uses.
+    assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert models[0]["root"].endswith(".gguf")
     url = default_server.url + "/v1/completions"
     # The seed's request with fewer tokens (the full 1000 run against the tiny model in test_server_api).
-    data = {"model": "SmolLM2-135M-Instruct", "prompt": "给我讲个英雄联盟的背景故事：", "max_tokens": 100,
+    data = {"model": "SmolLM2-135M-Instruct.Q4_1.gguf", "prompt": "给我讲个英雄联盟的背景故事：", "max_tokens": 100,
             "temperature": 0.7, "top_p": 1}
     result = requests.post(url, json=data, timeout=900).json()
     assert result["object"] == "text_completion" and result["id"].startswith("cmpl-")
+    assert result["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     choice = result["choices"][0]
     assert choice["finish_reason"] in ("stop", "length") and len(choice["text"].strip()) > 0
     assert 1 <= result["usage"]["completion_tokens"] <= 100
