@@ -171,9 +171,11 @@ class _Server(uvicorn.Server):
         self.engine, self.shutdown_timeout = engine, shutdown_timeout
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self.should_exit:  # the second signal
+        if self.should_exit:  # the second signal: abort now; a second later, stop waiting for stalled clients
             self.engine.abort_all()
-            self.force_exit = True
+            timer = threading.Timer(1.0, setattr, (self, "force_exit", True))
+            timer.daemon = True
+            timer.start()
         else:
             logger.info("draining: no new requests; up to %g s for the %d in flight", self.shutdown_timeout,
                         self.engine.snapshot().get("in_flight", 0))
