@@ -117,7 +117,7 @@ def test_skip_tokenizer_init_serves_token_ids(tiny_llama_dir, tmp_path):
 def default_server(smollm2_gguf, tmp_path_factory):
     proc = ServerProcess(["--device", "cpu", "--max-model-len", "2048", "--kv-cache-memory", "256MiB",
                           "--max-num-batched-tokens", "1024", "--max-num-seqs", "8", "--disable-log-stats",
-                          "--shutdown-timeout", "4"],
+                          "--shutdown-timeout", "15"],
                          tmp_path_factory.mktemp("server") / "server.log", ready_timeout=600)
     yield proc
     proc.stop()
@@ -147,7 +147,7 @@ def test_default_model_serves_the_seed_request(default_server):
 
 def test_sigterm_drains_then_aborts_and_exits_0(default_server):
     """Runs last in this module: it stops the module's server. SIGTERM stops accepting; a short request in
-    flight finishes normally, a long one streams on until --shutdown-timeout (4 s), then is aborted with an
+    flight finishes normally, a long one streams on until --shutdown-timeout (15 s), then is aborted with an
     error event saying why; the process exits 0."""
     def stream(max_tokens):
         r = requests.post(default_server.url + "/v1/completions", stream=True, timeout=120, json={
@@ -156,7 +156,7 @@ def test_sigterm_drains_then_aborts_and_exits_0(default_server):
         assert next(line for line in lines if line.startswith(b"data: {"))
         return lines
 
-    long_lines, short_lines = stream(1500), stream(12)
+    long_lines, short_lines = stream(2000), stream(4)
     start = time.monotonic()
     default_server.proc.send_signal(signal.SIGTERM)
     short_rest = [line for line in short_lines if line]
@@ -164,8 +164,8 @@ def test_sigterm_drains_then_aborts_and_exits_0(default_server):
     long_rest = [line for line in long_lines if line]
     drained_for = time.monotonic() - start
     assert long_rest[-1] == b"data: [DONE]" and b"shutting down" in long_rest[-2]  # aborted, told why, closed
-    assert len(long_rest) > 3 and drained_for >= 3.5  # it kept streaming during the drain
+    assert len(long_rest) > 3 and drained_for >= 14  # it kept streaming during the drain
     assert default_server.proc.wait(60) == 0
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < 60
     with pytest.raises(requests.ConnectionError):
         requests.get(default_server.url + "/health", timeout=5)
