@@ -9,7 +9,9 @@ from torch import nn
 
 from npu_infer.config import LOAD_FORMATS, EngineConfig
 
-QUANTIZATIONS = (None, "bitsandbytes", "gguf")
+from npu_infer.models.layers.int8_linear import INT8_SCHEMES
+
+QUANTIZATIONS = (None, "bitsandbytes", "gguf", *INT8_SCHEMES)
 
 
 def is_gguf(path: str) -> bool:
@@ -30,6 +32,23 @@ def bnb_checkpoint_config(hf_config) -> dict | None:
     return None
 
 
+def checkpoint_quant_method(hf_config) -> str | None:
+    """The quant_method of config.json's quantization_config (bitsandbytes, compressed-tensors, ...), or None."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict()
+    return qc.get("quant_method") if qc else None
+
+
+def check_not_quantized_otherwise(config: EngineConfig) -> None:
+    """--quantization w8a8 / w8a16 quantizes full-precision weights: a checkpoint already quantized another way
+    is refused, clearly, rather than dequantized and quantized twice."""
+    method = checkpoint_quant_method(config.hf_config)
+    if config.quantization in INT8_SCHEMES and method is not None:
+        raise ValueError(f"--quantization {config.quantization} quantizes a full-precision checkpoint, but "
+                         f"{config.model_path} is already quantized ({method}); load it without --quantization")
+
+
 def detect_load_format(config: EngineConfig) -> str:
     """What `auto` means for this path: gguf, sharded_state, tensorizer, bitsandbytes, or auto (the default
     loader: safetensors, else .bin/.pt)."""
@@ -37,10 +56,12 @@ def detect_load_format(config: EngineConfig) -> str:
     if fmt not in LOAD_FORMATS:
         raise ValueError(f"unknown load format {fmt!r}; choose one of {', '.join(LOAD_FORMATS)}")
     if config.quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {config.quantization!r}; choose bitsandbytes (or none)")
+        raise ValueError(f"unknown quantization {config.quantization!r}; choose one of "
+                         f"{', '.join(q for q in QUANTIZATIONS if q)} (or none)")
     if config.quantization == "gguf" and not is_gguf(config.model_path):
         raise ValueError(f"--quantization gguf needs a .gguf file, but {config.model_path} is not one")
     prequantized = bnb_checkpoint_config(config.hf_config) is not None
+    check_not_quantized_otherwise(config)
     # bitsandbytes quantizes whatever full checkpoint it is given (safetensors, .bin, GGUF, tensorizer, dummy).
     if fmt != "sharded_state" and (config.quantization == "bitsandbytes" or prequantized):
         return "bitsandbytes"
@@ -91,6 +112,9 @@ def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
         load_bitsandbytes(model, config)
     else:
         feed_weights(model, iterate_source_weights(config, fmt))
+    if config.quantization in INT8_SCHEMES:  # quantize on load, whatever the full-precision source
+        from npu_infer.models.layers.int8_linear import quantize_linears_int8
+        quantize_linears_int8(model, config.quantization)
 
 
 def feed_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
