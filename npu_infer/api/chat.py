@@ -11,10 +11,10 @@ from npu_infer.api.async_engine import RequestAborted
 from npu_infer.api.errors import APIError, bad_request
 from npu_infer.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
                                     ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
-                                    ChatResponseMessage, DeltaMessage, UsageInfo, random_id)
+                                    ChatResponseMessage, DeltaMessage, UsageInfo)
 from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, chat_logprobs,
-                                   collect_until_disconnect, sse, stop_holdback, stream_failure,
-                                   watch_disconnect)
+                                   collect_until_disconnect, prompt_logprobs_json, sse, stop_holdback,
+                                   stream_failure, watch_disconnect)
 
 
 _RESERVED_KWARGS = {"conversation", "tokenize", "chat_template", "return_dict", "return_tensors", "tokenizer_kwargs"}
@@ -22,7 +22,8 @@ _RESERVED_KWARGS = {"conversation", "tokenize", "chat_template", "return_dict", 
 
 def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True,
                 continue_final_message: bool = False, chat_template: str | None = None,
-                template_kwargs: dict | None = None) -> list[int]:
+                template_kwargs: dict | None = None, tools: list[dict] | None = None,
+                documents: list[dict] | None = None, add_special_tokens: bool = False) -> list[int]:
     """The conversation as prompt token ids: the template renders the text, which already holds any BOS."""
     tokenizer = ctx.need_tokenizer("chat")
     try:
@@ -33,38 +34,64 @@ def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation
         # chat_template_kwargs may set the template's own switches (add_generation_prompt too), not ours.
         kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
                   **{k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_KWARGS}}
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template, **kwargs)
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template, tools=tools,
+                                             documents=documents, **kwargs)
     except ValueError as exc:  # no template, bad content parts
         raise bad_request(f"cannot apply the chat template: {exc}; start the server with --chat-template "
                           "if the model has none", "messages") from exc
     except Exception as exc:  # noqa: BLE001 -- jinja errors: the template refuses these messages
         raise bad_request(f"the chat template refused these messages: {type(exc).__name__}: {exc}",
                           "messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _template_kwargs(req: ChatCompletionRequest) -> dict:
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.reasoning_effort is not None:  # templates that take it (gpt-oss) read it, as in vLLM
+        kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+    return kwargs
+
+
+def _echo_prefix(req: ChatCompletionRequest) -> str:
+    """vLLM's chat echo: the last message's text when it is the assistant's own (continued) message."""
+    last = req.messages[-1]
+    if not req.echo or last.role != "assistant" or req.add_generation_prompt:
+        return ""
+    content = last.as_template_input()["content"]
+    return content if isinstance(content, str) else ""
 
 
 async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: ServingContext) -> Response:
+    ctx.check_request(req)
+    if req.tools and req.effective_tool_choice != "none":
+        raise bad_request("tool calling is not implemented yet; leave tools out or set tool_choice to none", "tools")
     model = ctx.model_name(req.model)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt, req.continue_final_message,
-                             req.chat_template, req.chat_template_kwargs)
+                             req.chat_template, _template_kwargs(req), tools, req.documents,
+                             bool(req.add_special_tokens))
     max_tokens = req.max_completion_tokens or req.max_tokens or max(ctx.max_model_len - len(prompt_ids), 1)
     top_n = req.top_logprobs or 0
+    prompt_logprobs = req.prompt_logprobs
+    if prompt_logprobs is None and req.echo and req.logprobs:
+        prompt_logprobs = top_n
     try:
-        params = req.sampling_params(max_tokens, top_n if req.logprobs else None)
+        params = req.sampling_params(max_tokens, top_n if req.logprobs else None, prompt_logprobs)
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
+    params.structured_outputs = req.structured_outputs_params()
     ctx.validate(prompt_ids, params, "messages")
-    request_id = random_id("chatcmpl")
+    request_id = ctx.request_id(req, raw, "chatcmpl")
     created = int(time.time())
     start = time.monotonic()
-    stream = ctx.engine.generate(request_id, {"prompt_token_ids": prompt_ids}, params)
+    stream = ctx.engine.generate(request_id, {"prompt_token_ids": prompt_ids}, params, req.priority)
 
     def abort():
         ctx.engine.abort(request_id)
 
     if req.stream:
         return StreamingResponse(_stream(req, raw, ctx, model, request_id, created, params, stream, abort, start),
-                                 media_type="text/event-stream")
+                                 media_type="text/event-stream", headers={"X-Request-Id": request_id})
     try:
         (final,) = await collect_until_disconnect(raw, [stream], abort)
     except ClientGone:
@@ -74,17 +101,21 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
         raise APIError(503, f"the request was aborted: {exc}") from exc
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
+    echo = _echo_prefix(req)
+    as_ids = bool(req.return_tokens_as_token_ids)
     choices = [ChatCompletionResponseChoice(
-        index=out.index, message=ChatResponseMessage(role="assistant", content=out.text),
-        logprobs=chat_logprobs(ctx, out.token_ids, out.logprobs, top_n) if req.logprobs else None,
+        index=out.index, message=ChatResponseMessage(role="assistant", content=echo + out.text),
+        logprobs=chat_logprobs(ctx, out.token_ids, out.logprobs, top_n, as_ids) if req.logprobs else None,
         finish_reason=out.finish_reason, stop_reason=out.stop_reason,
         token_ids=list(out.token_ids) if ctx.send_token_ids(req) else None) for out in final.outputs]
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
     ctx.log_finished(request_id, len(prompt_ids), final.outputs, start, final.metrics.get("first_token_time"))
     response = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
                                       usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                                                      total_tokens=len(prompt_ids) + completion_tokens))
-    return JSONResponse(response.model_dump(mode="json"))
+                                                      total_tokens=len(prompt_ids) + completion_tokens),
+                                      prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs)
+                                      if req.prompt_logprobs is not None else None)
+    return JSONResponse(response.model_dump(mode="json"), headers={"X-Request-Id": request_id})
 
 
 async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext, model: str, request_id: str,
@@ -107,7 +138,8 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
 
     try:
         # The role comes first, in a chunk of its own, as OpenAI sends it.
-        yield sse(chunk([ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+        yield sse(chunk([ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                                      content=_echo_prefix(req)))
                          for i in range(params.n)]))
         async for out in stream:
             prompt_tokens = len(out.prompt_token_ids)
@@ -122,7 +154,8 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
                 new_text, new_ids, new_entries = cursor.delta(choice)
                 if not new_text and not new_ids and choice.finish_reason is None:
                     continue
-                logprobs = chat_logprobs(ctx, new_ids, new_entries or [], top_n) if req.logprobs else None
+                logprobs = chat_logprobs(ctx, new_ids, new_entries or [], top_n,
+                                         bool(req.return_tokens_as_token_ids)) if req.logprobs else None
                 choices.append(ChatCompletionResponseStreamChoice(
                     index=choice.index, delta=DeltaMessage(content=new_text), logprobs=logprobs,
                     finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,

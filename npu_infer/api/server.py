@@ -34,9 +34,13 @@ logger = logging.getLogger("npu_infer.api.server")
 
 
 def build_app(engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics, api_key: str | None = None,
-              log_requests: bool = True, log_stats_interval: float | None = 10.0) -> FastAPI:
+              log_requests: bool = True, log_stats_interval: float | None = 10.0,
+              enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None) -> FastAPI:
     """The FastAPI app around a started-or-not AsyncEngine; the app's lifespan starts and stops it."""
-    ctx = ServingContext(engine, model_names, log_requests)
+    if enable_auto_tool_choice and tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+    ctx = ServingContext(engine, model_names, log_requests, enable_auto_tool_choice, tool_call_parser,
+                         engine.engine.config.reasoning_parser)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -202,9 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     names = served_model_names(args, config)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        print("error: --enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)", file=sys.stderr)
+        engine.shutdown(timeout=5)
+        return 2
     app = build_app(engine, names, metrics, api_key=resolve_api_key(args),
                     log_requests=not args.disable_log_requests,
-                    log_stats_interval=None if args.disable_log_stats else args.log_stats_interval)
+                    log_stats_interval=None if args.disable_log_stats else args.log_stats_interval,
+                    enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)
     host = args.host if args.host is not None else "0.0.0.0"
     url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{args.port}"
     _log_startup(llm_engine, url, started)
