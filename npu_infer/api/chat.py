@@ -8,10 +8,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from npu_infer.api.async_engine import RequestAborted
+from npu_infer.api.chat_output import ChoiceStream, ToolPlan, final_message, reasoning_parser, tool_plan
 from npu_infer.api.errors import APIError, bad_request
 from npu_infer.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
                                     ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
-                                    ChatResponseMessage, DeltaMessage, UsageInfo)
+                                    DeltaMessage, UsageInfo)
 from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, chat_logprobs,
                                    collect_until_disconnect, prompt_logprobs_json, sse, stop_holdback,
                                    stream_failure, watch_disconnect)
@@ -63,8 +64,7 @@ def _echo_prefix(req: ChatCompletionRequest) -> str:
 
 async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: ServingContext) -> Response:
     ctx.check_request(req)
-    if req.tools and req.effective_tool_choice != "none":
-        raise bad_request("tool calling is not implemented yet; leave tools out or set tool_choice to none", "tools")
+    plan = tool_plan(req, ctx.enable_auto_tool_choice, ctx.tool_call_parser)
     model = ctx.model_name(req.model)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt, req.continue_final_message,
@@ -79,7 +79,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
         params = req.sampling_params(max_tokens, top_n if req.logprobs else None, prompt_logprobs)
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
-    params.structured_outputs = req.structured_outputs_params()
+    params.structured_outputs = req.structured_outputs_params(plan.schema)
     ctx.validate(prompt_ids, params, "messages")
     request_id = ctx.request_id(req, raw, "chatcmpl")
     created = int(time.time())
@@ -90,7 +90,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
         ctx.engine.abort(request_id)
 
     if req.stream:
-        return StreamingResponse(_stream(req, raw, ctx, model, request_id, created, params, stream, abort, start),
+        return StreamingResponse(_stream(req, raw, ctx, model, request_id, created, params, stream, abort, start, plan),
                                  media_type="text/event-stream", headers={"X-Request-Id": request_id})
     try:
         (final,) = await collect_until_disconnect(raw, [stream], abort)
@@ -103,28 +103,37 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
         raise bad_request(str(exc)) from exc
     echo = _echo_prefix(req)
     as_ids = bool(req.return_tokens_as_token_ids)
-    choices = [ChatCompletionResponseChoice(
-        index=out.index, message=ChatResponseMessage(role="assistant", content=echo + out.text),
-        logprobs=chat_logprobs(ctx, out.token_ids, out.logprobs, top_n, as_ids) if req.logprobs else None,
-        finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-        token_ids=list(out.token_ids) if ctx.send_token_ids(req) else None) for out in final.outputs]
+    reasoning = reasoning_parser(ctx.reasoning_parser)
+    choices = []
+    for out in final.outputs:
+        message, finish_reason = final_message(out.text, out.finish_reason, plan, reasoning, req.include_reasoning)
+        if echo:
+            message.content = echo + (message.content or "")
+        choices.append(ChatCompletionResponseChoice(
+            index=out.index, message=message,
+            logprobs=chat_logprobs(ctx, out.token_ids, out.logprobs, top_n, as_ids) if req.logprobs else None,
+            finish_reason=finish_reason, stop_reason=out.stop_reason,
+            token_ids=list(out.token_ids) if ctx.send_token_ids(req) else None))
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
+    prompt_tokens = len(final.prompt_token_ids)  # after truncate_prompt_tokens
     ctx.log_finished(request_id, len(prompt_ids), final.outputs, start, final.metrics.get("first_token_time"))
     response = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                      usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                                                      total_tokens=len(prompt_ids) + completion_tokens),
+                                      usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                                      total_tokens=prompt_tokens + completion_tokens),
                                       prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs)
                                       if req.prompt_logprobs is not None else None)
     return JSONResponse(response.model_dump(mode="json"), headers={"X-Request-Id": request_id})
 
 
 async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext, model: str, request_id: str,
-                  created: int, params, stream, abort, start: float):
+                  created: int, params, stream, abort, start: float, plan: ToolPlan):
     watcher = asyncio.ensure_future(watch_disconnect(raw, abort))
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
     top_n = req.top_logprobs or 0
     cursors = [ChoiceCursor(holdback=stop_holdback(params)) for _ in range(params.n)]
+    reasoning = reasoning_parser(ctx.reasoning_parser)
+    states = [ChoiceStream(plan, reasoning, req.include_reasoning) for _ in range(params.n)]
     prompt_tokens = completion_tokens = 0
     first_token = None
     finished = False
@@ -156,9 +165,13 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
                     continue
                 logprobs = chat_logprobs(ctx, new_ids, new_entries or [], top_n,
                                          bool(req.return_tokens_as_token_ids)) if req.logprobs else None
+                state = states[choice.index]
+                delta = state.update(new_text, choice.finish_reason is not None)
+                if delta is None and choice.finish_reason is None and not (logprobs or ctx.send_token_ids(req)):
+                    continue  # text held back (a tool call or tag still arriving)
                 choices.append(ChatCompletionResponseStreamChoice(
-                    index=choice.index, delta=DeltaMessage(content=new_text), logprobs=logprobs,
-                    finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
+                    index=choice.index, delta=delta or DeltaMessage(), logprobs=logprobs,
+                    finish_reason=state.finish_reason(choice.finish_reason), stop_reason=choice.stop_reason,
                     token_ids=list(new_ids) if ctx.send_token_ids(req) else None))
             finished = out.finished
             if choices:

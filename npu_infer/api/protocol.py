@@ -177,8 +177,8 @@ class _SamplingFields(RequestModel):
                           ("guided_grammar", "grammar"), ("structural_tag", "structural_tag")):
             if getattr(self, name) is not None:
                 given[name] = {key: getattr(self, name)}
-        if extra_json_schema is not None:
-            given["tool_choice"] = {"json": extra_json_schema}
+        if extra_json_schema is not None:  # forced tool calls: compact JSON, so no model can ramble in whitespace
+            given["tool_choice"] = {"json": extra_json_schema, "disable_any_whitespace": True}
         if not given:
             if self.guided_decoding_backend is not None:
                 raise bad_request("guided_decoding_backend needs a structured output to decode",
