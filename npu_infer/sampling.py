@@ -1,8 +1,10 @@
 """SamplingParams (vLLM's names and meanings) and the batched sampler."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from npu_infer.structured_output.params import StructuredOutputsParams
@@ -93,7 +95,7 @@ class SamplingParams:
 class SamplerRow:
     """What the sampler needs of one sequence this step."""
     params: SamplingParams
-    generator: torch.Generator | None
+    generator: torch.Generator | None   # on the logits' device; None: draw from the device's default stream
     prompt_ids: list[int]
     output_ids: list[int]
 
@@ -105,96 +107,165 @@ class SamplerOutput:
     logprobs: list[tuple[float, int, list[int], list[float]] | None]
 
 
-def _apply_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
-    vocab = logits.shape[1]
-    for i, row in enumerate(rows):
-        p = row.params
-        if not p.has_penalties:
-            continue
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long)
-            seen = seen[seen < vocab]
-            values = logits[i, seen]
-            logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        if row.output_ids and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(torch.tensor(row.output_ids, dtype=torch.long), minlength=vocab)[:vocab]
-            counts = counts.to(logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    """[B, 1] float32 on the device: one host-to-device copy."""
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
 
-def _top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
-    top_k = [r.params.top_k for r in rows]
-    top_p = [r.params.top_p for r in rows]
-    min_p = [r.params.min_p for r in rows]
-    if any(top_k):
-        k = torch.tensor([k if k else logits.shape[1] for k in top_k]).clamp(max=logits.shape[1])
-        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+def _token_rows(rows: list[list[int]], vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) of every listed token below the vocabulary size, as two device index tensors."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    row_of = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+    keep = ids < vocab  # a tokenizer may know more ids than the model's logits have
+    both = torch.from_numpy(np.stack([row_of[keep], ids[keep]])).to(device)
+    return both[0], both[1]
+
+
+@dataclass
+class SamplingMetadata:
+    """One step's sampling parameters as batched tensors on the logits' device, built once per step.
+
+    Everything the sampler combines with the logits lives here, on the same device; the only per-row Python
+    left on the hot path is the draw of rows that have their own seeded generator."""
+    num_rows: int
+    all_greedy: bool                    # every row greedy: argmax of the (penalized) logits
+    greedy: torch.Tensor | None         # [B] bool; None when no row is greedy
+    temperature: torch.Tensor | None    # [B, 1] (1.0 on greedy rows); None when all greedy
+    top_k: torch.Tensor | None          # [B, 1] int64, 0 = off; None when off everywhere
+    max_top_k: int
+    top_p: torch.Tensor | None          # [B, 1]; None when 1.0 everywhere
+    min_p: torch.Tensor | None          # [B, 1]; None when 0.0 everywhere
+    repetition: torch.Tensor | None     # [B, 1]; None when no row has penalties
+    frequency: torch.Tensor | None      # [B, 1]
+    presence: torch.Tensor | None       # [B, 1]
+    seen_mask: torch.Tensor | None      # [B, V] bool: token in the prompt or the output (repetition penalty)
+    output_counts: torch.Tensor | None  # [B, V] float32: occurrences in the output (frequency/presence)
+    generators: dict[int, torch.Generator]  # row -> its seeded generator
+    num_logprobs: list[int | None]      # per row: how many top logprobs, None = none wanted
+
+    @classmethod
+    def build(cls, rows: list[SamplerRow], vocab: int, device: torch.device) -> SamplingMetadata:
+        params = [r.params for r in rows]
+        num_logprobs = [p.logprobs for p in params]
+        penalized = [p.has_penalties for p in params]
+        greedy = [p.greedy for p in params]
+        meta = cls(len(rows), all(greedy), None, None, None, 0, None, None, None, None, None,
+                   None, None, {i: r.generator for i, r in enumerate(rows) if r.generator is not None}, num_logprobs)
+        if any(penalized):
+            meta.repetition = _column([p.repetition_penalty for p in params], device)
+            meta.frequency = _column([p.frequency_penalty for p in params], device)
+            meta.presence = _column([p.presence_penalty for p in params], device)
+            outputs = [r.output_ids if pen else [] for r, pen in zip(rows, penalized)]
+            prompts = [r.prompt_ids if pen and r.params.repetition_penalty != 1.0 else []
+                       for r, pen in zip(rows, penalized)]
+            out_rows, out_ids = _token_rows(outputs, vocab, device)
+            meta.output_counts = torch.zeros((len(rows), vocab), dtype=torch.float32, device=device)
+            meta.output_counts.index_put_((out_rows, out_ids), torch.ones_like(out_ids, dtype=torch.float32),
+                                          accumulate=True)
+            prompt_rows, prompt_ids = _token_rows(prompts, vocab, device)
+            meta.seen_mask = meta.output_counts > 0
+            meta.seen_mask[prompt_rows, prompt_ids] = True
+        if meta.all_greedy:
+            return meta
+        if any(greedy):
+            meta.greedy = torch.tensor(greedy, dtype=torch.bool, device=device)
+        meta.temperature = _column([1.0 if p.greedy else p.temperature for p in params], device)
+        top_k = [min(p.top_k, vocab) for p in params]
+        if any(top_k):
+            meta.top_k = torch.tensor(top_k, dtype=torch.int64, device=device).unsqueeze(1)
+            meta.max_top_k = max(top_k)
+        if any(p.top_p < 1.0 for p in params):
+            meta.top_p = _column([p.top_p for p in params], device)
+        if any(p.min_p for p in params):
+            meta.min_p = _column([p.min_p for p in params], device)
+        return meta
+
+
+def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """vLLM's penalties: repetition on prompt and output tokens, frequency and presence on output tokens.
+    Rows without penalties carry 1.0 / 0.0 / 0.0, which leave their logits exactly as they were."""
+    if meta.repetition is None:
+        return logits
+    penalized = torch.where(logits > 0, logits / meta.repetition, logits * meta.repetition)
+    logits = torch.where(meta.seen_mask, penalized, logits)
+    counts = meta.output_counts
+    return logits - meta.frequency * counts - meta.presence * (counts > 0).float()
+
+
+def _top_k_top_p_min_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    if meta.top_k is not None:
+        # The k-th largest value of each row, from one topk of the largest k asked for (cheaper than a sort).
+        largest = logits.topk(meta.max_top_k, dim=-1).values
+        kth = largest.gather(1, (meta.top_k.clamp(min=1) - 1))
+        kth = kth.masked_fill(meta.top_k == 0, float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if any(p < 1.0 for p in top_p):
-        p = torch.tensor(top_p, dtype=logits.dtype).unsqueeze(1)
+    if meta.top_p is not None:
         sorted_logits, order = logits.sort(dim=-1, descending=False)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= 1 - p
+        drop = cumulative <= 1 - meta.top_p
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    if any(min_p):
+    if meta.min_p is not None:
         probs = logits.softmax(dim=-1)
-        threshold = torch.tensor(min_p, dtype=probs.dtype).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        threshold = meta.min_p * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
     return logits
 
 
+def _random_sample(probs: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Exponential race (Gumbel-max equivalent): argmax(p / q), q ~ Exp(1), one draw per row. Seeded rows draw
+    from their own generator, so a request's tokens do not depend on what else is in the batch."""
+    noise = torch.empty_like(probs)
+    if len(meta.generators) < meta.num_rows:
+        noise.exponential_()
+    for row, generator in meta.generators.items():
+        noise[row].exponential_(generator=generator)
+    return probs.div(noise).argmax(dim=-1)
+
+
 def _logprob_info(logprobs: torch.Tensor, tokens: torch.Tensor, k: int):
-    """Logprob and rank (1 = most likely) of each chosen token, and the top-k alternatives."""
+    """Logprob and rank (1 = most likely) of each chosen token, and the top-k alternatives, as host lists."""
     chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
-    top = logprobs.topk(k, dim=-1) if k else None
-    return chosen, ranks, top
+    if not k:
+        return chosen.tolist(), ranks.tolist(), None, None
+    top = logprobs.topk(k, dim=-1)
+    return chosen.tolist(), ranks.tolist(), top.indices.tolist(), top.values.tolist()
 
 
 def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
-    """Sample one token per row. Seeded rows draw from their own generator, so a request's tokens do not
-    depend on what else is in the batch."""
+    """Sample one token per row of ``logits`` [B, V]; see :class:`SamplingMetadata` for what each row asks."""
+    meta = SamplingMetadata.build(rows, logits.shape[1], logits.device)
+    return sample_with(logits, meta)
+
+
+def sample_with(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     logits = logits.float()
-    want_logprobs = [r.params.logprobs for r in rows]
-    raw_logprobs = logits.log_softmax(dim=-1) if any(x is not None for x in want_logprobs) else None
-    if all(r.params.greedy and not r.params.has_penalties for r in rows):
+    want_logprobs = any(k is not None for k in meta.num_logprobs)
+    raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None  # before penalties, as vLLM reports
+    logits = _apply_penalties(logits, meta)
+    if meta.all_greedy:
         tokens = logits.argmax(dim=-1)  # the common fast path: no copies, no sort
     else:
-        logits = _apply_penalties(logits.clone(), rows)
-        greedy_rows = torch.tensor([r.params.greedy for r in rows])
-        temperature = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows])
-        scaled = _top_k_top_p_min_p(logits / temperature.unsqueeze(1), rows)
-        probs = scaled.softmax(dim=-1)
-        # Exponential race (Gumbel-max equivalent): argmax(p / q), q ~ Exp(1), one draw per row.
-        noise = torch.empty_like(probs).exponential_()
-        for i, row in enumerate(rows):
-            if row.generator is not None:  # seeded rows draw on the host from their own stream
-                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=row.generator).to(noise.device)
-        sampled = probs.div(noise).argmax(dim=-1)
-        tokens = torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
-    token_list = tokens.tolist()
-    out_logprobs: list = [None] * len(rows)
+        scaled = _top_k_top_p_min_p(logits / meta.temperature, meta)
+        tokens = _random_sample(scaled.softmax(dim=-1), meta)
+        if meta.greedy is not None:
+            tokens = torch.where(meta.greedy, logits.argmax(dim=-1), tokens)
+    out_logprobs: list = [None] * meta.num_rows
     if raw_logprobs is not None:
-        k = max(x or 0 for x in want_logprobs)
-        chosen, ranks, top = _logprob_info(raw_logprobs, tokens, k)
-        for i, want in enumerate(want_logprobs):
-            if want is None:
-                continue
-            ids = top.indices[i, :want].tolist() if want else []
-            vals = top.values[i, :want].tolist() if want else []
-            out_logprobs[i] = (chosen[i].item(), int(ranks[i]), ids, vals)
-    return SamplerOutput(token_list, out_logprobs)
+        k = max(x or 0 for x in meta.num_logprobs)
+        chosen, ranks, top_ids, top_vals = _logprob_info(raw_logprobs, tokens, k)
+        for i, want in enumerate(meta.num_logprobs):
+            if want is not None:
+                out_logprobs[i] = (chosen[i], ranks[i], top_ids[i][:want] if want else [],
+                                   top_vals[i][:want] if want else [])
+    return SamplerOutput(tokens.tolist(), out_logprobs)
 
 
 def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int):
     """For each prompt position: logprob/rank of the actual next prompt token, and the top-k."""
     logprobs = logits.float().log_softmax(dim=-1)
-    chosen, ranks, top = _logprob_info(logprobs, torch.tensor(next_ids), k)
-    result = []
-    for i in range(len(next_ids)):
-        ids = top.indices[i].tolist() if k else []
-        vals = top.values[i].tolist() if k else []
-        result.append((chosen[i].item(), int(ranks[i]), ids, vals))
-    return result
+    targets = torch.tensor(next_ids, dtype=torch.int64, device=logits.device)
+    chosen, ranks, top_ids, top_vals = _logprob_info(logprobs, targets, k)
+    return [(chosen[i], ranks[i], top_ids[i] if k else [], top_vals[i] if k else []) for i in range(len(next_ids))]

@@ -75,10 +75,10 @@ class ModelRunner:
     def _sample(self, chunks: list[SeqChunk], hidden: torch.Tensor, meta: AttentionMetadata,
                 masks: LogitsMasks | None = None) -> StepOutput:
         out = StepOutput()
-        ends = meta.query_start_loc[1:].long() - 1
         rows = [i for i, c in enumerate(chunks) if c.sample]
         if rows:
-            logits = self.model.compute_logits(hidden[ends[rows]])
+            last_token = np.cumsum(meta.query_lens_cpu)[rows] - 1  # each sampled row's newest token
+            logits = self.model.compute_logits(hidden[torch.from_numpy(last_token).to(self.device)])
             if masks is not None:  # structured outputs, allowed ids, bad words, logit_bias, min_tokens
                 logits = apply_logits_masks(logits.float(), masks, {chunks[i].request_id: j for j, i in enumerate(rows)})
             sampler_rows = [SamplerRow(chunks[i].params, self._generator(chunks[i]), chunks[i].prompt_ids or [],
@@ -106,6 +106,6 @@ class ModelRunner:
             return None
         gen = self.generators.get(chunk.request_id)
         if gen is None:
-            gen = torch.Generator().manual_seed(chunk.params.seed + chunk.seed_index)
+            gen = torch.Generator(device=self.device).manual_seed(chunk.params.seed + chunk.seed_index)
             self.generators[chunk.request_id] = gen
         return gen

@@ -17,14 +17,13 @@ import torch
 from npu_infer import LLM, SamplingParams
 from npu_infer.loaders.dummy_loader import fill_dummy_weights
 
-QWEN2_CONFIG_DIR = Path(__file__).resolve().parents[3] / "shared" / "models" / "qwen2-0.5b-instruct"
+# Qwen2-0.5B-Instruct's config.json, copied into the repository so the tests need nothing beside it.
+QWEN2_CONFIG_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "qwen2-0.5b-instruct"
 
 
 @pytest.fixture()
 def model_dir(tmp_path) -> Path:
     """Qwen2-0.5B-Instruct's config.json alone: no tokenizer, no weights."""
-    if not (QWEN2_CONFIG_DIR / "config.json").is_file():
-        pytest.fail(f"{QWEN2_CONFIG_DIR}/config.json is missing (shared/ lies beside the repository)")
     out = tmp_path / "qwen2-0.5b"
     out.mkdir()
     shutil.copy(QWEN2_CONFIG_DIR / "config.json", out / "config.json")

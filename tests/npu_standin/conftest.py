@@ -53,3 +53,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+
+
+@pytest.fixture(params=["npu", "cuda"])
+def strict_device(request):
+    """A device-strict stand-in device ("npu" and "cuda"): device tensors do not mix with host tensors."""
+    from ._strict import StrictDevice
+    strict = StrictDevice(request.param)
+    strict.enter()
+    try:
+        yield strict
+    finally:
+        strict.exit()
