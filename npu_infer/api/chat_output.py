@@ -110,8 +110,10 @@ class ChoiceStream:
         self.text += new_text
         text = self.text
         if self.reasoning is not None:
-            if not finished:
+            if not finished:  # a tag may be arriving: hold its start back
                 text = text[:len(text) - partial_suffix(text, self.reasoning.end)]
+                if self.reasoning.start.startswith(text.lstrip()):
+                    text = ""
             reasoning_text, content = self.reasoning.split(text)
         else:
             reasoning_text, content = None, text
@@ -136,26 +138,24 @@ class ChoiceStream:
                 self.named_started = True
             delta.tool_calls = [call]
             return
-        sure = len(content)
-        if mode == "required":
+        calls: list[ParsedCall] = []
+        if finished and mode in ("required", "auto") and not self.calls_sent:
+            self.calls_sent = True
+            _, calls = self.plan.calls_from(content)
+        sure = len(content)  # plain chat; or a finished answer with no call after all: the held text is content
+        if mode == "required" and (calls or not finished):
             sure = 0
-        elif mode == "auto" and not finished:
+        elif mode == "auto" and (calls or not finished):
             sure = self.plan.parser.content_end(content)
         if sure > self.content_sent:
             delta.content = content[self.content_sent:sure]
             self.content_sent = sure
-        if finished and mode in ("required", "auto") and not self.calls_sent:
-            self.calls_sent = True
-            rest, calls = self.plan.calls_from(content)
-            if calls:
-                self.called = True
-                delta.tool_calls = [DeltaToolCall(index=i, id=c.id, type="function",
-                                                  function=DeltaFunctionCall(name=c.function.name,
-                                                                             arguments=c.function.arguments))
-                                    for i, c in enumerate(_tool_calls(calls))]
-            elif len(content) > self.content_sent:  # no call after all: the held text is content
-                delta.content = (delta.content or "") + content[self.content_sent:]
-                self.content_sent = len(content)
+        if calls:
+            self.called = True
+            delta.tool_calls = [DeltaToolCall(index=i, id=c.id, type="function",
+                                              function=DeltaFunctionCall(name=c.function.name,
+                                                                         arguments=c.function.arguments))
+                                for i, c in enumerate(_tool_calls(calls))]
 
 
 def reasoning_parser(name: str | None) -> ReasoningParser | None:

@@ -10,6 +10,33 @@ import xgrammar as xgr
 from npu_infer.structured_output.params import StructuredOutputsParams
 
 
+# JSON-schema keywords xgrammar compiles but does not enforce (it drops them, some with only a log line): a schema
+# with one goes to llguidance under `auto`, and is refused under `xgrammar` (vLLM checks the same list).
+_NOT_ENFORCED = ("multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "minProperties",
+                 "maxProperties", "propertyNames", "not", "if", "then", "else", "dependentRequired",
+                 "dependentSchemas")
+
+
+def unenforced_keyword(schema: object) -> str | None:
+    """The first keyword of the schema (at any depth) that xgrammar would ignore."""
+    if isinstance(schema, list):
+        return next((k for k in map(unenforced_keyword, schema) if k), None)
+    if not isinstance(schema, dict):
+        return None
+    for key, value in schema.items():
+        if key in _NOT_ENFORCED:
+            return key
+        if key in ("properties", "$defs", "definitions", "patternProperties"):  # names -> subschemas
+            found = unenforced_keyword(list(value.values())) if isinstance(value, dict) else None
+        elif key in ("enum", "const", "default", "examples", "required"):  # values, not schemas
+            found = None
+        else:
+            found = unenforced_keyword(value)
+        if found:
+            return found
+    return None
+
+
 def choice_grammar(choices: list[str]) -> str:
     """EBNF that matches exactly one of the strings."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -51,6 +78,9 @@ class XgrammarBackend:
         """Raises RuntimeError (xgrammar's message) for a constraint it cannot compile."""
         kind = params.kind
         if kind == "json":
+            keyword = unenforced_keyword(params.json)
+            if keyword is not None:
+                raise ValueError(f"xgrammar does not enforce the JSON-schema keyword {keyword!r}")
             return self._compiler.compile_json_schema(json.dumps(params.json),
                                                       any_whitespace=not params.disable_any_whitespace)
         if kind == "json_object":
