@@ -219,7 +219,7 @@ class LLMEngine:
         if self.logits_rules:
             masks = gather_step_masks([(c.request_id, self.logits_rules.get(c.request_id), r.output_token_ids)
                                        for c, (r, _) in zip(chunks, sched.scheduled) if c.sample],
-                                      self.vocab_size, self.structured_outputs.fill_bitmask)
+                                      self.vocab_size, lambda m, b: self.structured_outputs.fill_bitmask(m, b))
         step_input = StepInput(chunks, self.finished_since_step, masks)
         self.finished_since_step = []
         result = self.executor.execute(step_input)
