@@ -1,8 +1,10 @@
-"""`npu-infer` console script: serve | env | save-sharded-state | tensorize | worker."""
+"""`npu-infer` console script: serve | env | save-sharded-state | tensorize | quantize | worker."""
 from __future__ import annotations
 
 import importlib
 import sys
+
+from npu_infer.optional_deps import MissingDependencyError
 
 # subcommand -> (module, function, one-line help); each module owns its own argument parsing.
 COMMANDS = {
@@ -10,6 +12,7 @@ COMMANDS = {
     "env": ("npu_infer.env_report", "main", "print torch / torch_npu / CANN / transformers versions and devices"),
     "save-sharded-state": ("npu_infer.loaders.sharded_state", "main", "write each rank's weights to its own file"),
     "tensorize": ("npu_infer.loaders.tensorizer_loader", "main", "serialize a model for --load-format tensorizer"),
+    "quantize": ("npu_infer.loaders.compressed_tensors", "main", "write an int8 (w8a8 | w8a16) compressed-tensors checkpoint"),
     "worker": ("npu_infer.worker.multiproc_executor", "worker_main", "run the worker ranks of one node (multi-node)"),
 }
 
@@ -22,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:20s} {text}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module, function, _ = COMMANDS[argv[0]]
-    result = getattr(importlib.import_module(module), function)(argv[1:])
+    try:
+        result = getattr(importlib.import_module(module), function)(argv[1:])
+    except MissingDependencyError as exc:  # one line saying what to install, never a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -12,7 +12,7 @@ from npu_infer.api.chat_output import ChoiceStream, ToolPlan, final_message, rea
 from npu_infer.api.errors import APIError, bad_request
 from npu_infer.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
                                     ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
-                                    DeltaMessage, UsageInfo)
+                                    DeltaMessage, UsageInfo, random_id)
 from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, chat_logprobs,
                                    collect_until_disconnect, prompt_logprobs_json, sse, stop_holdback,
                                    stream_failure, watch_disconnect)
@@ -70,13 +70,14 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
     prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt, req.continue_final_message,
                              req.chat_template, _template_kwargs(req), tools, req.documents,
                              bool(req.add_special_tokens))
-    max_tokens = req.max_completion_tokens or req.max_tokens or max(ctx.max_model_len - len(prompt_ids), 1)
+    max_tokens = req.max_completion_tokens or req.max_tokens or ctx.default_max_tokens(len(prompt_ids))
     top_n = req.top_logprobs or 0
     prompt_logprobs = req.prompt_logprobs
     if prompt_logprobs is None and req.echo and req.logprobs:
         prompt_logprobs = top_n
     try:
-        params = req.sampling_params(max_tokens, top_n if req.logprobs else None, prompt_logprobs)
+        params = req.sampling_params(max_tokens, top_n if req.logprobs else None, prompt_logprobs,
+                                     defaults=ctx.sampling_defaults)
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
     params.structured_outputs = req.structured_outputs_params(plan.schema)
@@ -84,6 +85,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
     request_id = ctx.request_id(req, raw, "chatcmpl")
     created = int(time.time())
     start = time.monotonic()
+    ctx.log_received(request_id, None, prompt_ids, params)
     stream = ctx.engine.generate(request_id, {"prompt_token_ids": prompt_ids}, params, req.priority)
 
     def abort():
@@ -118,8 +120,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
     prompt_tokens = len(final.prompt_token_ids)  # after truncate_prompt_tokens
     ctx.log_finished(request_id, len(prompt_ids), final.outputs, start, final.metrics.get("first_token_time"))
     response = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                      usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                                      total_tokens=prompt_tokens + completion_tokens),
+                                      usage=ctx.usage(prompt_tokens, completion_tokens, final.num_cached_tokens),
                                       prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs)
                                       if req.prompt_logprobs is not None else None)
     return JSONResponse(response.model_dump(mode="json"), headers={"X-Request-Id": request_id})
@@ -134,7 +135,7 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
     cursors = [ChoiceCursor(holdback=stop_holdback(params)) for _ in range(params.n)]
     reasoning = reasoning_parser(ctx.reasoning_parser)
     states = [ChoiceStream(plan, reasoning, req.include_reasoning) for _ in range(params.n)]
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     first_token = None
     finished = False
 
@@ -142,8 +143,7 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
         return ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
 
     def usage():
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens)
+        return ctx.usage(prompt_tokens, completion_tokens, cached_tokens)
 
     try:
         # The role comes first, in a chunk of its own, as OpenAI sends it.
@@ -151,7 +151,7 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
                                                                                       content=_echo_prefix(req)))
                          for i in range(params.n)]))
         async for out in stream:
-            prompt_tokens = len(out.prompt_token_ids)
+            prompt_tokens, cached_tokens = len(out.prompt_token_ids), out.num_cached_tokens
             completion_tokens = sum(len(c.token_ids) for c in out.outputs)
             if first_token is None and completion_tokens:
                 first_token = time.monotonic()
