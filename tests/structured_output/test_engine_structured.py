@@ -22,8 +22,8 @@ def _regex_params(**kw):
 
 
 def test_n_completions_and_preemption_keep_the_constraint(tiny_chat_model_dir):
-    # 10 KV blocks of 16 tokens for 8 requests that each need 2-3: decodes run out of blocks and preempt.
-    llm = LLM(str(tiny_chat_model_dir), num_gpu_blocks_override=10, block_size=16, **ENGINE)
+    # 8 KV blocks of 16 tokens for 16 sequences that each need 2: decodes run out of blocks and preempt.
+    llm = LLM(str(tiny_chat_model_dir), num_gpu_blocks_override=8, block_size=16, **{**ENGINE, "max_model_len": 128})
     prompts = [f"request number {i} " * 3 for i in range(8)]
     outs = llm.generate(prompts, _regex_params(n=2))
     assert llm.engine.scheduler.num_preemptions > 0
@@ -50,7 +50,7 @@ def test_llguidance_fallback_enforces_what_xgrammar_ignores(tiny_chat_model_dir)
 
 def test_structured_output_starts_after_the_reasoning(tiny_chat_model_dir, monkeypatch):
     llm = LLM(str(tiny_chat_model_dir), reasoning_parser="deepseek_r1", **ENGINE)
-    think_end = 42  # stand-in for </think>: SmolLM2's vocabulary has no such token
+    think_end = 1000  # stand-in for </think> (SmolLM2 has none); not in the prompt
     monkeypatch.setattr(type(llm.engine), "reasoning_token_ids", property(lambda self: (None, think_end)))
     bias = {think_end: 100.0}  # the model "ends its reasoning" at once, then must follow the choice
     params = SamplingParams(temperature=0, max_tokens=6, logit_bias=bias,
