@@ -79,9 +79,8 @@ def make_parser() -> argparse.ArgumentParser:
                              "overrides the profiled budget")
     device.add_argument("--num-gpu-blocks-override", type=int, default=None,
                         help="use exactly this many KV-cache blocks (for tests)")
-    device.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse the KV blocks of prompts that share a prefix with earlier ones (on by default, "
-                             "as in vLLM's V1 engine; --no-enable-prefix-caching turns it off)")
+    device.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                        help="reuse the KV blocks of prompts that share a prefix with earlier ones")
 
     sched = p.add_argument_group("scheduler")
     sched.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step (batch size cap)")
