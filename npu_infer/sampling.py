@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from npu_infer.structured_output.params import StructuredOutputsParams
+
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch generators take 64-bit seeds
 MAX_N = 128             # completions one request may ask for (OpenAI's and vLLM's n/best_of cap)
 MAX_STOP_STRINGS = 64   # stop strings per request
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+
 
 
 @dataclass
@@ -36,6 +39,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None   # JSON schema / regex / choice / grammar
+    logit_bias: dict[int, float] | None = None   # added to the token's logit before sampling (-100..100)
+    allowed_token_ids: list[int] | None = None   # only these tokens may be sampled
+    bad_words: list[str] | None = None           # never generate these words (as vLLM: alone or after a space)
+    truncate_prompt_tokens: int | None = None    # keep only the prompt's last k tokens
     _stop_list: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +78,14 @@ class SamplingParams:
         if any(not s for s in self._stop_list):
             raise ValueError("stop strings must not be empty")
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            if any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+                raise ValueError("logit_bias values must be in [-100, 100]")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise ValueError(f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}")
 
     def check_vocab(self, vocab_size: int) -> None:
         """The checks that need the model: top_k and stop token ids within the vocabulary."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from npu_infer.config import EngineConfig
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES, make_int8, quantize_weight
+from npu_infer.optional_deps import import_optional
 
 QUANT_METHOD = "compressed-tensors"
 FORMATS = {"w8a8": "int-quantized", "w8a16": "pack-quantized"}
@@ -28,13 +29,9 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def _import():
-    try:
-        import compressed_tensors  # noqa: F401
-        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
-        from compressed_tensors.quantization import QuantizationConfig
-    except ImportError:
-        raise ValueError("compressed-tensors checkpoints need the compressed-tensors package: "
-                         "pip install 'npu_infer[quant]'") from None
+    import_optional("compressed_tensors", "compressed-tensors int8 checkpoints")
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    from compressed_tensors.quantization import QuantizationConfig
     return QuantizationConfig, pack_to_int32, unpack_from_int32
 
 

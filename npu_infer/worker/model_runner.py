@@ -8,7 +8,8 @@ from torch import nn
 from npu_infer.distributed.parallel_state import get_pp_group
 from npu_infer.sampling import SamplerRow, prompt_logprobs, sample
 from npu_infer.worker.context import AttentionMetadata, set_context
-from npu_infer.worker.step_io import SeqChunk, StepInput, StepOutput
+from npu_infer.worker.logits_masks import apply_logits_masks
+from npu_infer.worker.step_io import LogitsMasks, SeqChunk, StepInput, StepOutput
 
 
 class ModelRunner:
@@ -69,14 +70,17 @@ class ModelRunner:
             pp.send(hidden, pp.next_rank)
             pp.send(residual, pp.next_rank)
             return None
-        return self._sample(chunks, hidden, meta)
+        return self._sample(chunks, hidden, meta, step.logits_masks)
 
-    def _sample(self, chunks: list[SeqChunk], hidden: torch.Tensor, meta: AttentionMetadata) -> StepOutput:
+    def _sample(self, chunks: list[SeqChunk], hidden: torch.Tensor, meta: AttentionMetadata,
+                masks: LogitsMasks | None = None) -> StepOutput:
         out = StepOutput()
         rows = [i for i, c in enumerate(chunks) if c.sample]
         if rows:
             last_token = np.cumsum(meta.query_lens_cpu)[rows] - 1  # each sampled row's newest token
             logits = self.model.compute_logits(hidden[torch.from_numpy(last_token).to(self.device)])
+            if masks is not None:  # structured outputs, allowed ids, bad words, logit_bias, min_tokens
+                logits = apply_logits_masks(logits.float(), masks, {chunks[i].request_id: j for j, i in enumerate(rows)})
             try:
                 results = self._sample_rows([chunks[i] for i in rows], logits)
             except Exception:  # noqa: BLE001 -- one row's failure: sample row by row, so only that row fails

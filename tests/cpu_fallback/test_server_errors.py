@@ -138,7 +138,8 @@ def test_too_long_is_400_with_both_numbers(server):
     ({"prompt": "hi", "stop": [""]}, ["stop"]),
     ({"prompt": "hi", "min_tokens": 20, "max_tokens": 5}, ["min_tokens"]),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, ["stream"]),
-    ({"prompt": "hi", "logit_bias": {"1": 5}}, ["logit_bias"]),
+    ({"prompt": "hi", "logit_bias": {"1": 500}}, ["logit_bias"]),
+    ({"prompt": "hi", "logit_bias": {"x": 5}}, ["logit_bias"]),
     ({"prompt": "hi", "suffix": "x"}, ["suffix"]),
     ({"prompt": "hi", "temperature": 1, "top_k": 100000000000000000000}, ["top_k"]),  # the request
     ({"prompt": "hi", "top_k": 10**6}, ["top_k", "vocabulary size"]),
