@@ -43,3 +43,19 @@ def test_anything_else_is_refused_unexecuted(data):
 def test_objects_without_a_wire_form_are_not_sent():
     with pytest.raises(TypeError, match="cannot send"):
         encode_message("execute", object())
+
+
+def test_logits_masks_travel_and_grammars_stay_with_the_engine():
+    import numpy as np
+
+    from npu_infer.structured_output.params import StructuredOutputsParams
+    from npu_infer.worker.step_io import LogitsMasks
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+"), logit_bias={5: -100.0})
+    masks = LogitsMasks(["r"], np.array([[7, -1]], dtype=np.int32), ["r"], np.array([5], dtype=np.int64),
+                        np.array([float("-inf")], dtype=np.float32))
+    _, back = decode_message(encode_message("execute", StepInput([SeqChunk("r", [1], 0, [0], True, params)],
+                                                                 logits_masks=masks)))
+    assert back.chunks[0].params.structured_outputs is None and back.chunks[0].params.logit_bias == {5: -100.0}
+    m = back.logits_masks
+    assert m.bitmask.dtype == np.int32 and m.bitmask.tolist() == [[7, -1]] and m.bias_values[0] == float("-inf")
+    assert m.bias_tokens.dtype == np.int64 and m.mask_ids == ["r"] and m.bias_ids == ["r"]

@@ -58,10 +58,30 @@ _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 _CHUNK_FIELDS = tuple(f.name for f in dataclasses.fields(SeqChunk) if f.name != "params")
 
 
+# The engine turns a grammar into this step's logits masks; the workers never read the grammar itself.
+_ENGINE_ONLY_PARAMS = {"structured_outputs"}
+
+
 def _plain_chunk(chunk: SeqChunk) -> dict:
     plain = {name: getattr(chunk, name) for name in _CHUNK_FIELDS}
-    plain["params"] = {name: getattr(chunk.params, name) for name in _PARAM_FIELDS}
+    plain["params"] = {name: getattr(chunk.params, name) for name in _PARAM_FIELDS if name not in _ENGINE_ONLY_PARAMS}
     return plain
+
+
+def _plain_masks(masks: LogitsMasks | None) -> dict | None:
+    if masks is None:
+        return None
+    return {"mask_ids": masks.mask_ids, "bitmask": None if masks.bitmask is None else masks.bitmask.tolist(),
+            "bias_ids": masks.bias_ids, "bias_tokens": masks.bias_tokens.tolist(),
+            "bias_values": masks.bias_values.tolist()}
+
+
+def _masks(plain: dict | None) -> LogitsMasks | None:
+    if plain is None:
+        return None
+    bitmask = None if plain["bitmask"] is None else np.asarray(plain["bitmask"], dtype=np.int32)
+    return LogitsMasks(list(plain["mask_ids"]), bitmask, list(plain["bias_ids"]),
+                       np.asarray(plain["bias_tokens"], dtype=np.int64), np.asarray(plain["bias_values"], dtype=np.float32))
 
 
 def _chunk(plain: dict) -> SeqChunk:
@@ -73,7 +93,7 @@ def encode_message(method: str, arg: object) -> bytes:
     """(method, argument) as JSON bytes; the argument a StepInput, a StepOutput, an int, a dict or None."""
     if isinstance(arg, StepInput):
         body = {"type": "StepInput", "chunks": [_plain_chunk(c) for c in arg.chunks],
-                "finished_ids": list(arg.finished_ids)}
+                "finished_ids": list(arg.finished_ids), "logits_masks": _plain_masks(arg.logits_masks)}
     elif isinstance(arg, StepOutput):
         body = {"type": "StepOutput", **dataclasses.asdict(arg)}
     elif arg is None or isinstance(arg, (int, float, str, dict)):
@@ -89,7 +109,8 @@ def decode_message(data: bytes) -> tuple[str, object]:
         method, body = json.loads(data.decode("utf-8"))
         kind = body["type"]
         if kind == "StepInput":
-            return method, StepInput([_chunk(c) for c in body["chunks"]], list(body["finished_ids"]))
+            return method, StepInput([_chunk(c) for c in body["chunks"]], list(body["finished_ids"]),
+                                     _masks(body.get("logits_masks")))
         if kind == "StepOutput":
             return method, StepOutput(**{f.name: body[f.name] for f in dataclasses.fields(StepOutput)})
         if kind == "plain":
