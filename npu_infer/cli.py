@@ -1,4 +1,4 @@
-"""`npu-infer` console script: serve | env | save-sharded-state | tensorize | worker."""
+"""`npu-infer` console script: serve | env | save-sharded-state | tensorize | selftest | worker."""
 from __future__ import annotations
 
 import importlib
@@ -10,6 +10,7 @@ COMMANDS = {
     "env": ("npu_infer.env_report", "main", "print torch / torch_npu / CANN / transformers versions and devices"),
     "save-sharded-state": ("npu_infer.loaders.sharded_state", "main", "write each rank's weights to its own file"),
     "tensorize": ("npu_infer.loaders.tensorizer_loader", "main", "serialize a model for --load-format tensorizer"),
+    "selftest": ("npu_infer.selftest", "main", "check every kernel, the sampler and two tiny models on the device"),
     "worker": ("npu_infer.worker.multiproc_executor", "worker_main", "run the worker ranks of one node (multi-node)"),
 }
 

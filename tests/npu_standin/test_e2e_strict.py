@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from . import install, strict_device, uninstall
 from ._cuda import strict_cuda
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+_TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ENGINE = dict(dtype="bfloat16", max_model_len=512, max_num_batched_tokens=64, max_num_seqs=8,
               enable_prefix_caching=True, skip_tokenizer_init=True)
@@ -101,3 +103,32 @@ def test_an_unpinned_non_blocking_copy_is_reported():
         torch.arange(4).pin_memory().to("npu:0", non_blocking=True)
         torch.arange(4).to("npu:0")  # a blocking copy is safe from any memory
         assert len(dev.unpinned_copies) == 1
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_tensor_and_pipeline_parallel_run_device_strict(tp, pp, tiny_llama_dir, tmp_path, monkeypatch):
+    """TP=2 and PP=2 over gloo: every rank is a spawned process on the strict stand-in (_shim.py), and gives the
+    single-rank run's greedy tokens (near-ties aside: the ranks sum partial products in another order)."""
+    from ._e2e import compare_greedy
+    from ._shim import write_sitecustomize
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2, ignore_eos=True)
+    batch = prompts()[1:4]
+    with strict("npu"):
+        single = LLM(str(tiny_llama_dir), device="npu", kv_cache_memory="16MiB", **ENGINE).generate(batch, params)
+    gc.collect()
+    monkeypatch.setenv("PYTHONPATH", write_sitecustomize(tmp_path / "shim"))
+    monkeypatch.setenv("NPU_STANDIN_TESTS_DIR", _TESTS_DIR)
+    monkeypatch.setenv("NPU_STANDIN_DEVICES", "2")
+    monkeypatch.setenv("NPU_STANDIN_GLOO", "1")
+    with strict("npu"):
+        from . import set_device_count
+        set_device_count(2)
+        llm = LLM(str(tiny_llama_dir), device="npu", kv_cache_memory="16MiB", tensor_parallel_size=tp,
+                  pipeline_parallel_size=pp, **ENGINE)
+        try:
+            parallel = llm.generate(batch, params)
+        finally:
+            llm.engine.shutdown()
+            del llm
+            gc.collect()
+    compare_greedy(single, parallel, min_agreement=0.6)
