@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from npu_infer.optional_deps import MissingDependencyError
+
 # subcommand -> (module, function, one-line help); each module owns its own argument parsing.
 COMMANDS = {
     "serve": ("npu_infer.api.server", "main", "start the OpenAI-compatible server (same flags as vLLM)"),
@@ -23,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:20s} {text}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module, function, _ = COMMANDS[argv[0]]
-    result = getattr(importlib.import_module(module), function)(argv[1:])
+    try:
+        result = getattr(importlib.import_module(module), function)(argv[1:])
+    except MissingDependencyError as exc:  # one line saying what to install, never a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

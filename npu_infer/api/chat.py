@@ -11,7 +11,7 @@ from npu_infer.api.async_engine import RequestAborted
 from npu_infer.api.errors import APIError, bad_request
 from npu_infer.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
                                     ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
-                                    ChatResponseMessage, DeltaMessage, UsageInfo, random_id)
+                                    ChatResponseMessage, DeltaMessage, random_id)
 from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, chat_logprobs,
                                    collect_until_disconnect, sse, stop_holdback, stream_failure,
                                    watch_disconnect)
@@ -47,16 +47,17 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
     model = ctx.model_name(req.model)
     prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt, req.continue_final_message,
                              req.chat_template, req.chat_template_kwargs)
-    max_tokens = req.max_completion_tokens or req.max_tokens or max(ctx.max_model_len - len(prompt_ids), 1)
+    max_tokens = req.max_completion_tokens or req.max_tokens or ctx.default_max_tokens(len(prompt_ids))
     top_n = req.top_logprobs or 0
     try:
-        params = req.sampling_params(max_tokens, top_n if req.logprobs else None)
+        params = req.sampling_params(max_tokens, top_n if req.logprobs else None, defaults=ctx.sampling_defaults)
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
     ctx.validate(prompt_ids, params, "messages")
     request_id = random_id("chatcmpl")
     created = int(time.time())
     start = time.monotonic()
+    ctx.log_received(request_id, None, prompt_ids, params)
     stream = ctx.engine.generate(request_id, {"prompt_token_ids": prompt_ids}, params)
 
     def abort():
@@ -82,8 +83,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
     ctx.log_finished(request_id, len(prompt_ids), final.outputs, start, final.metrics.get("first_token_time"))
     response = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                      usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                                                      total_tokens=len(prompt_ids) + completion_tokens))
+                                      usage=ctx.usage(len(prompt_ids), completion_tokens, final.num_cached_tokens))
     return JSONResponse(response.model_dump(mode="json"))
 
 
@@ -94,7 +94,7 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
     continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
     top_n = req.top_logprobs or 0
     cursors = [ChoiceCursor(holdback=stop_holdback(params)) for _ in range(params.n)]
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     first_token = None
     finished = False
 
@@ -102,15 +102,14 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
         return ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
 
     def usage():
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens)
+        return ctx.usage(prompt_tokens, completion_tokens, cached_tokens)
 
     try:
         # The role comes first, in a chunk of its own, as OpenAI sends it.
         yield sse(chunk([ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                          for i in range(params.n)]))
         async for out in stream:
-            prompt_tokens = len(out.prompt_token_ids)
+            prompt_tokens, cached_tokens = len(out.prompt_token_ids), out.num_cached_tokens
             completion_tokens = sum(len(c.token_ids) for c in out.outputs)
             if first_token is None and completion_tokens:
                 first_token = time.monotonic()

@@ -30,7 +30,9 @@ def _prompts(ctx: ServingContext, prompt) -> list[tuple[str | None, list[int]]]:
 
 
 def _params(req: CompletionRequest, ctx: ServingContext, prompt_ids: list[int]) -> SamplingParams:
-    max_tokens = req.max_tokens if req.max_tokens is not None else max(ctx.max_model_len - len(prompt_ids), 1)
+    # OpenAI's default of 16 holds unless the model's generation config gives one (or the request sends null).
+    omitted = "max_tokens" not in req.model_fields_set and "max_tokens" in ctx.sampling_defaults
+    max_tokens = ctx.default_max_tokens(len(prompt_ids)) if omitted or req.max_tokens is None else req.max_tokens
     logprobs = req.logprobs
     n = req.n
     if req.best_of is not None and req.best_of > req.n:
@@ -40,7 +42,7 @@ def _params(req: CompletionRequest, ctx: ServingContext, prompt_ids: list[int]) 
     if req.echo and req.logprobs is not None:
         prompt_logprobs = max(prompt_logprobs or 0, req.logprobs)
     try:
-        return req.sampling_params(max_tokens, logprobs, prompt_logprobs, n=n)
+        return req.sampling_params(max_tokens, logprobs, prompt_logprobs, n=n, defaults=ctx.sampling_defaults)
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
 
@@ -59,6 +61,8 @@ async def create_completion(req: CompletionRequest, raw: Request, ctx: ServingCo
     created = int(time.time())
     sub_ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
     start = time.monotonic()
+    for sub_id, (text, ids), params in zip(sub_ids, prompts, params_list):
+        ctx.log_received(sub_id, text, ids, params)
 
     def streams():
         return [ctx.engine.generate(sub_id, {"prompt": text, "prompt_token_ids": ids}, params)
@@ -91,9 +95,10 @@ def _echo_text(ctx: ServingContext, prompt: tuple[str | None, list[int]]) -> str
 def _response(req: CompletionRequest, ctx: ServingContext, model: str, request_id: str, created: int,
               prompts: list, finals: list[RequestOutput], start: float) -> CompletionResponse:
     choices = []
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     for i, (prompt, final) in enumerate(zip(prompts, finals)):
         prompt_tokens += len(final.prompt_token_ids)
+        cached_tokens += final.num_cached_tokens
         completion_tokens += sum(len(o.token_ids) for o in final.outputs)
         outputs = final.outputs
         if req.best_of is not None and req.best_of > req.n:
@@ -118,8 +123,7 @@ def _response(req: CompletionRequest, ctx: ServingContext, model: str, request_i
         ctx.log_finished(final.request_id, len(final.prompt_token_ids), final.outputs, start,
                          final.metrics.get("first_token_time"))
     return CompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                              usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                              total_tokens=prompt_tokens + completion_tokens))
+                              usage=ctx.usage(prompt_tokens, completion_tokens, cached_tokens))
 
 
 async def _stream(req: CompletionRequest, raw: Request, ctx: ServingContext, model: str, request_id: str,
@@ -129,12 +133,14 @@ async def _stream(req: CompletionRequest, raw: Request, ctx: ServingContext, mod
     cursors = {}
     prompt_tokens = [len(ids) for _, ids in prompts]
     completion_tokens: dict[tuple[int, int], int] = {}
+    cached_tokens: dict[int, int] = {}
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
     finals: dict[int, RequestOutput] = {}
     first_token = None
     try:
         async for i, out in merge(streams):
+            cached_tokens[i] = out.num_cached_tokens
             chunk_choices = []
             for choice in out.outputs:
                 key = (i, choice.index)
@@ -172,11 +178,11 @@ async def _stream(req: CompletionRequest, raw: Request, ctx: ServingContext, mod
                 continue
             chunk = CompletionStreamResponse(id=request_id, created=created, model=model, choices=chunk_choices)
             if continuous:
-                chunk.usage = _usage(prompt_tokens, completion_tokens)
+                chunk.usage = _usage(ctx, prompt_tokens, completion_tokens, cached_tokens)
             yield sse(chunk)
         if include_usage:
             yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
-                                               usage=_usage(prompt_tokens, completion_tokens)))
+                                               usage=_usage(ctx, prompt_tokens, completion_tokens, cached_tokens)))
         yield SSE_DONE
         for final in finals.values():
             ctx.log_finished(final.request_id, len(final.prompt_token_ids), final.outputs, start, first_token)
@@ -191,6 +197,5 @@ async def _stream(req: CompletionRequest, raw: Request, ctx: ServingContext, mod
             abort_all()
 
 
-def _usage(prompt_tokens: list[int], completion_tokens: dict) -> UsageInfo:
-    p, c = sum(prompt_tokens), sum(completion_tokens.values())
-    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+def _usage(ctx: ServingContext, prompt_tokens: list[int], completion_tokens: dict, cached_tokens: dict) -> UsageInfo:
+    return ctx.usage(sum(prompt_tokens), sum(completion_tokens.values()), sum(cached_tokens.values()))

@@ -62,16 +62,23 @@ class _SamplingFields(OpenAIModel):
         return self
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
-                        n: int | None = None) -> SamplingParams:
-        """Raises ValueError (-> 400) for values the engine refuses."""
+                        n: int | None = None, defaults: dict | None = None) -> SamplingParams:
+        """Raises ValueError (-> 400) for values the engine refuses. `defaults` (the model's generation config)
+        fill the sampling fields the request leaves out."""
+        defaults = defaults or {}
+
+        def given_or_default(name: str, fallback):
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
         return SamplingParams(
-            n=n or self.n, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
+            n=n or self.n, temperature=given_or_default("temperature", 1.0), top_p=given_or_default("top_p", 1.0),
+            top_k=given_or_default("top_k", 0), min_p=given_or_default("min_p", 0.0), seed=self.seed,
+            max_tokens=max_tokens, min_tokens=self.min_tokens,
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=given_or_default("repetition_penalty", 1.0),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens)
 
 

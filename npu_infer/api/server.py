@@ -16,10 +16,12 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from npu_infer import __version__
-from npu_infer.api.args import api_key as resolve_api_key, engine_config_from_args, make_parser, served_model_names
+from npu_infer.api.args import (api_keys, engine_config_from_args, log_requests, parse_serve_args,
+                               served_model_names)
 from npu_infer.api.async_engine import AsyncEngine
 from npu_infer.api.chat import create_chat_completion, render_chat
 from npu_infer.api.completions import create_completion
@@ -28,15 +30,18 @@ from npu_infer.api.metrics import CONTENT_TYPE, ServerMetrics
 from npu_infer.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                                     ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from npu_infer.api.serving import ServingContext
+from npu_infer.optional_deps import MissingDependencyError
 from npu_infer.platform.interface import DeviceUnavailableError
 
 logger = logging.getLogger("npu_infer.api.server")
 
 
-def build_app(engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics, api_key: str | None = None,
-              log_requests: bool = True, log_stats_interval: float | None = 10.0) -> FastAPI:
-    """The FastAPI app around a started-or-not AsyncEngine; the app's lifespan starts and stops it."""
-    ctx = ServingContext(engine, model_names, log_requests)
+def build_app(engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics, api_keys: list[str] | None = None,
+              log_requests: bool = True, log_stats_interval: float | None = 10.0, max_log_len: int | None = None,
+              prompt_tokens_details: bool = False, cors: dict | None = None, root_path: str = "") -> FastAPI:
+    """The FastAPI app around a started-or-not AsyncEngine; the app's lifespan starts and stops it. `cors` holds
+    Starlette CORSMiddleware's arguments (default: every origin, method and header, as vLLM's defaults)."""
+    ctx = ServingContext(engine, model_names, log_requests, max_log_len, prompt_tokens_details)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -49,16 +54,22 @@ def build_app(engine: AsyncEngine, model_names: list[str], metrics: ServerMetric
                 stats.cancel()
             await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="npu_infer", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="npu_infer", version=__version__, lifespan=lifespan, root_path=root_path)
+    app.add_middleware(CORSMiddleware, **(cors or {"allow_origins": ["*"], "allow_methods": ["*"],
+                                                   "allow_headers": ["*"]}))
     install_error_handlers(app)
     app.state.ctx = ctx
 
+    keys = [key.encode() for key in api_keys or []]
+
     async def check_api_key(request: Request) -> None:
-        if api_key is None:
+        if not keys:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        # Every key is compared (no early exit), so the time taken does not tell which key came close.
+        matches = [secrets.compare_digest(token.strip().encode(), key) for key in keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise APIError(401, "missing or wrong API key; send the header `Authorization: Bearer <key>`",
                            code="invalid_api_key")
 
@@ -181,7 +192,7 @@ def _log_startup(engine, url: str, started: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = parse_serve_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     started = time.monotonic()
@@ -193,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = ServerMetrics(served_model_names(args, config)[0])
         engine = AsyncEngine.build(lambda: LLMEngine(config), metrics)  # built on the thread that steps it
         llm_engine = engine.engine
-    except (ValueError, FileNotFoundError, DeviceUnavailableError) as exc:
+    except (ValueError, FileNotFoundError, DeviceUnavailableError, MissingDependencyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -202,14 +213,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     names = served_model_names(args, config)
-    app = build_app(engine, names, metrics, api_key=resolve_api_key(args),
-                    log_requests=not args.disable_log_requests,
-                    log_stats_interval=None if args.disable_log_stats else args.log_stats_interval)
+    app = build_app(engine, names, metrics, api_keys=api_keys(args), log_requests=log_requests(args),
+                    log_stats_interval=None if args.disable_log_stats else args.log_stats_interval,
+                    max_log_len=args.max_log_len, prompt_tokens_details=args.enable_prompt_tokens_details,
+                    cors={"allow_origins": args.allowed_origins, "allow_methods": args.allowed_methods,
+                          "allow_headers": args.allowed_headers, "allow_credentials": args.allow_credentials},
+                    root_path=args.root_path or "")
     host = args.host if args.host is not None else "0.0.0.0"
-    url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{args.port}"
+    scheme = "https" if args.ssl_certfile else "http"
+    url = f"{scheme}://{'localhost' if host in ('0.0.0.0', '::') else host}:{args.port}{args.root_path or ''}"
     _log_startup(llm_engine, url, started)
     uv_config = uvicorn.Config(app, host=host, port=args.port, log_level=args.uvicorn_log_level,
-                               access_log=not args.disable_uvicorn_access_log, timeout_keep_alive=5)
+                               access_log=not args.disable_uvicorn_access_log, timeout_keep_alive=5,
+                               ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                               ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
+                               **({"ssl_ciphers": args.ssl_ciphers} if args.ssl_ciphers else {}))
     server = _Server(uv_config, on_exit=engine.abort_all)
     threading.Thread(target=_stop_when_engine_dies, args=(engine, server), daemon=True).start()
     try:

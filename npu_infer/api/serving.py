@@ -13,7 +13,8 @@ from fastapi import Request
 
 from npu_infer.api.async_engine import AsyncEngine, RequestAborted
 from npu_infer.api.errors import APIError, bad_request, error_body
-from npu_infer.api.protocol import ChatCompletionLogProbs, ChatLogProb, ChatLogProbsContent, CompletionLogProbs
+from npu_infer.api.protocol import (ChatCompletionLogProbs, ChatLogProb, ChatLogProbsContent, CompletionLogProbs,
+                                    UsageInfo)
 from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
 from npu_infer.sampling import SamplingParams
 
@@ -26,6 +27,8 @@ class ServingContext:
     engine: AsyncEngine
     model_names: list[str]
     log_requests: bool = True
+    max_log_len: int | None = None        # most prompt characters / token ids a log line shows
+    prompt_tokens_details: bool = False   # usage.prompt_tokens_details.cached_tokens (--enable-prompt-tokens-details)
 
     @property
     def llm(self):
@@ -38,6 +41,16 @@ class ServingContext:
     @property
     def max_model_len(self) -> int:
         return self.llm.config.max_model_len
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """The model's generation-config defaults for the sampling fields a request leaves out (--generation-config)."""
+        return self.llm.sampling_defaults
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        """max_tokens when the request gives none: the generation config's, else all the room left (vLLM's)."""
+        room = max(self.max_model_len - prompt_len, 1)
+        return min(self.sampling_defaults.get("max_tokens") or room, room)
 
     def model_name(self, requested: str | None) -> str:
         """The name to report; 404 when the request names a model this server does not serve."""
@@ -73,6 +86,21 @@ class ServingContext:
             self.llm.validate(prompt_ids, params)
         except ValueError as exc:
             raise bad_request(str(exc), param) from exc
+
+    def log_received(self, request_id: str, prompt: str | None, prompt_ids: list[int],
+                     params: SamplingParams) -> None:
+        """vLLM's request log line: the prompt and its token ids (cut at --max-log-len) and the sampling params."""
+        if not self.log_requests:
+            return
+        cut = self.max_log_len
+        logger.info("received request %s: prompt: %r, prompt_token_ids: %s, params: %s", request_id,
+                    prompt if prompt is None or cut is None else prompt[:cut],
+                    prompt_ids if cut is None else prompt_ids[:cut], params)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+        details = {"cached_tokens": cached_tokens} if self.prompt_tokens_details else None
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
 
     def log_finished(self, request_id: str, prompt_tokens: int, outputs: list[CompletionOutput] | None,
                      start: float, first_token: float | None, status: str = "ok") -> None:

@@ -13,6 +13,7 @@ from npu_infer.engine.detokenizer import IncrementalDetokenizer, find_stop
 from npu_infer.engine.request import Request, Status
 from npu_infer.engine.scheduler import Scheduler
 from npu_infer.loaders.hf_files import load_hf_config, load_tokenizer
+from npu_infer.generation_config import sampling_defaults
 from npu_infer.loaders.model_path import resolve_model_path
 from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
 from npu_infer.platform import get_platform, set_current_platform
@@ -55,6 +56,8 @@ class LLMEngine:
         self.platform = get_platform(config.device)
         set_current_platform(self.platform)
         config.model_path = resolve_model_path(config.model)
+        self.sampling_defaults = sampling_defaults(config.generation_config, config.model_path,
+                                                   config.override_generation_config)
         hf_config = load_hf_config(config)
         config.resolve(hf_config, self.platform.default_dtype(), self.platform.supported_dtypes(),
                        self.platform.device_type, default_block_size=self.platform.default_block_size(),

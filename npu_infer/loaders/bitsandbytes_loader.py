@@ -19,6 +19,7 @@ from torch import nn
 
 from npu_infer.config import EngineConfig
 from npu_infer.loaders.registry import bnb_checkpoint_config, feed_weights, iterate_source_weights, source_format
+from npu_infer.optional_deps import import_optional
 
 ENV_MODE = "NPU_INFER_BNB_QUANT"
 _PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -28,12 +29,7 @@ _4BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quan
 
 
 def import_bitsandbytes():
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise ValueError("bitsandbytes quantization needs the bitsandbytes package: pip install 'npu_infer[bnb]'") \
-            from None
-    return bitsandbytes
+    return import_optional("bitsandbytes", "--quantization bitsandbytes")
 
 
 def bnb_settings(config: EngineConfig) -> dict:

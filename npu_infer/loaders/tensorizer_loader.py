@@ -12,17 +12,14 @@ from pathlib import Path
 
 import torch
 
+from npu_infer.optional_deps import import_optional
+
 TENSORS_FILE = "model.tensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _import_tensorizer():
-    try:
-        import tensorizer
-    except ImportError:
-        raise ValueError("--load-format tensorizer needs the tensorizer package: pip install 'npu_infer[tensorizer]'") \
-            from None
-    return tensorizer
+    return import_optional("tensorizer", "--load-format tensorizer")
 
 
 def tensors_file(path: str) -> Path:

@@ -7,11 +7,16 @@ import os
 
 import torch
 
+from npu_infer.optional_deps import MissingDependencyError, install_command
 from npu_infer.platform.interface import DeviceUnavailableError, Platform
 from npu_infer.platform.npu_attention import BLOCK_SIZE
 
-INSTALL_HINT = ("install the CANN toolkit, source its set_env.sh, and `pip install npu_infer[npu]` with the torch-npu "
-                "release made for your torch (torch-npu X.Y.Z needs torch==X.Y.Z; this torch is {torch})")
+INSTALL_HINT = ("install the CANN toolkit, source its set_env.sh, and `" + install_command("torch_npu") + "` with the "
+                "torch-npu release made for your torch (torch-npu X.Y.Z needs torch==X.Y.Z; this torch is {torch})")
+
+
+class TorchNpuMissingError(MissingDependencyError, DeviceUnavailableError):
+    """torch_npu is not installed: a missing optional dependency, and the reason --device npu cannot be used."""
 
 
 def import_torch_npu():
@@ -20,7 +25,9 @@ def import_torch_npu():
         return importlib.import_module("torch_npu")
     except Exception as exc:  # ImportError, or CANN's shared libraries missing (OSError/RuntimeError)
         hint = INSTALL_HINT.format(torch=torch.__version__.split("+")[0])
-        raise DeviceUnavailableError(f"--device npu needs torch_npu and CANN ({type(exc).__name__}: {exc}); {hint}") from None
+        missing = isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "torch_npu"
+        error = TorchNpuMissingError if missing else DeviceUnavailableError
+        raise error(f"--device npu needs torch_npu and CANN ({type(exc).__name__}: {exc}); {hint}") from None
 
 
 def _visible_devices_note() -> str:

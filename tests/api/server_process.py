@@ -39,7 +39,8 @@ def long_context_copy(model_dir: Path, out: Path, max_len: int = 2048) -> Path:
 class ServerProcess:
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None, ready_timeout: float = 240.0):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # With --ssl-certfile the server speaks HTTPS (a test's self-signed certificate: checked by the test).
+        self.url = f"{'https' if '--ssl-certfile' in args else 'http'}://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "npu_infer.api.server", "--host", "127.0.0.1", "--port", str(self.port), *args]
         full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -53,7 +54,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                if requests.get(self.url + "/health", timeout=2, verify=False).status_code == 200:
                     return
             except requests.RequestException:
                 pass

@@ -23,7 +23,7 @@ def model_dir(tiny_chat_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     proc = ServerProcess(["--model", str(model_dir), "--max-model-len", "2048", "--enable-prefix-caching",
-                          *FAST_FLAGS],
+                          "--enable-log-requests", *FAST_FLAGS],
                          tmp_path_factory.mktemp("server") / "server.log")
     yield proc
     proc.stop()

@@ -42,11 +42,17 @@ def test_npu_infer_serve_is_the_same_command(capsys):
 
 
 def test_api_key_from_the_environment(monkeypatch):
-    from npu_infer.api.args import api_key, make_parser
+    from npu_infer.api.args import api_keys, make_parser
+    monkeypatch.delenv("NPU_INFER_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-vllm-env")
+    assert api_keys(make_parser().parse_args([])) == ["from-vllm-env"]
     monkeypatch.setenv("NPU_INFER_API_KEY", "from-env")
-    assert api_key(make_parser().parse_args([])) == "from-env"
-    assert api_key(make_parser().parse_args(["--api-key", "flag"])) == "flag"
+    assert api_keys(make_parser().parse_args([])) == ["from-env"]
+    assert api_keys(make_parser().parse_args(["--api-key", "flag", "second"])) == ["flag", "second"]
     assert "from-env" not in make_parser().format_help()  # --help never shows the key
+    monkeypatch.delenv("NPU_INFER_API_KEY")
+    monkeypatch.delenv("VLLM_API_KEY")
+    assert api_keys(make_parser().parse_args([])) == []
 
 
 def test_vllm_command_line_parses_to_the_same_config():
@@ -65,7 +71,7 @@ def test_vllm_command_line_parses_to_the_same_config():
     assert (config.tensor_parallel_size, config.served_model_name, config.dtype, config.max_model_len,
             config.load_format, config.chat_template, config.skip_tokenizer_init) == (
         2, "a", "bfloat16", 512, "gguf", "t.jinja", True)
-    assert long.api_key == "k"
+    assert long.api_key == ["k"]
 
 
 def test_missing_default_model_says_how_to_install(tmp_path):
@@ -118,13 +124,16 @@ def default_server(smollm2_gguf, tmp_path_factory):
 
 def test_default_model_serves_the_seed_request(default_server):
     models = requests.get(default_server.url + "/v1/models", timeout=10).json()["data"]
-    assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct"] and models[0]["root"].endswith(".gguf")
+    # The default model also answers to its file name, which README's (the seed's) request uses.
+    assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert models[0]["root"].endswith(".gguf")
     url = default_server.url + "/v1/completions"
     # The seed's request with fewer tokens (the full 1000 run against the tiny model in test_server_api).
-    data = {"model": "SmolLM2-135M-Instruct", "prompt": "给我讲个英雄联盟的背景故事：", "max_tokens": 100,
+    data = {"model": "SmolLM2-135M-Instruct.Q4_1.gguf", "prompt": "给我讲个英雄联盟的背景故事：", "max_tokens": 100,
             "temperature": 0.7, "top_p": 1}
     result = requests.post(url, json=data, timeout=900).json()
     assert result["object"] == "text_completion" and result["id"].startswith("cmpl-")
+    assert result["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     choice = result["choices"][0]
     assert choice["finish_reason"] in ("stop", "length") and len(choice["text"].strip()) > 0
     assert 1 <= result["usage"]["completion_tokens"] <= 100

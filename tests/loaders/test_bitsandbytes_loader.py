@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 
 import pytest
 import torch
@@ -239,10 +238,7 @@ def test_a_device_bitsandbytes_cannot_run_is_one_sentence(tiny_llama_dir, monkey
     assert "\n" not in str(exc.value)
 
 
-def test_missing_package_is_one_sentence(tiny_llama_dir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(ValueError, match=r"needs the bitsandbytes package: pip install 'npu_infer\[bnb\]'"):
-        make_llm(tiny_llama_dir, quantization="bitsandbytes")
+# A missing bitsandbytes package: tests/test_optional_deps.py.
 
 
 def test_bitsandbytes_refuses_a_sharded_state_directory(tiny_llama_dir, tmp_path):
