@@ -12,6 +12,9 @@ from npu_infer.worker.context import AttentionMetadata, set_context
 from npu_infer.worker.step_io import SeqChunk, StepInput, StepOutput
 
 
+PROMPT_LOGPROBS_ROWS = 256  # prompt positions whose logits exist at once (profile_run includes one such slice)
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, device: torch.device, block_size: int, hidden_size: int,
                  dtype: torch.dtype):
@@ -119,9 +122,13 @@ class ModelRunner:
             last = min(c.start_pos + q_len, c.num_prompt_tokens - 1)
             if k is not None and last > c.start_pos:
                 n = last - c.start_pos
-                logits = self.model.compute_logits(hidden[start:start + n])
                 next_ids = c.prompt_ids[c.start_pos + 1:last + 1]
-                out.prompt_logprobs[c.request_id] = prompt_logprobs(logits, next_ids, k)
+                result = out.prompt_logprobs[c.request_id] = []
+                # In slices: a whole chunk's [tokens, vocab] float32 logits could outgrow what profile_run measured.
+                for i in range(0, n, PROMPT_LOGPROBS_ROWS):
+                    rows = slice(start + i, start + min(i + PROMPT_LOGPROBS_ROWS, n))
+                    logits = self.model.compute_logits(hidden[rows])
+                    result += prompt_logprobs(logits, next_ids[i:i + PROMPT_LOGPROBS_ROWS], k)
             start += q_len
         return out
 

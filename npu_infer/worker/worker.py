@@ -94,10 +94,17 @@ class Worker:
         # No dummy sequence may be longer than a real one can be.
         lengths = [min(num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0), cfg.max_model_len)
                    for i in range(num_seqs)]
-        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
-        chunks = [SeqChunk(f"profile-{i}", [0] * n, 0, [0] * -(-n // cfg.block_size), True, params)
+        # Every sampling feature that allocates per step: penalties ([rows, vocab] masks), top-k/p, min-p, seeded
+        # draws, top-20 logprobs, and prompt logprobs over every prompt position (in ModelRunner's slices).
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1,
+                                presence_penalty=0.5, frequency_penalty=0.5, seed=0, logprobs=20,
+                                prompt_logprobs=20, max_tokens=1)
+        chunks = [SeqChunk(f"profile-{i}", [0] * n, 0, [0] * -(-n // cfg.block_size), True, params,
+                           prompt_ids=[0] * (n + 1), output_ids=[0], num_prompt_tokens=n + 1)
                   for i, n in enumerate(lengths)]
         self.runner.execute(StepInput(chunks))
+        for c in chunks:  # the dummy requests' seeded generators
+            self.runner.generators.pop(c.request_id, None)
         self.platform.synchronize()
 
     def determine_num_blocks(self) -> int:

@@ -132,3 +132,15 @@ def test_tensor_and_pipeline_parallel_run_device_strict(tp, pp, tiny_llama_dir, 
             del llm
             gc.collect()
     compare_greedy(single, parallel, min_agreement=0.6)
+
+
+def test_prompt_logprobs_in_slices_equal_the_whole_chunk(tiny_llama_dir, monkeypatch):
+    """ModelRunner computes prompt logprobs PROMPT_LOGPROBS_ROWS positions at a time (bounded memory); the slices
+    give exactly what one pass over the chunk gives."""
+    from npu_infer.worker import model_runner
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3)
+    llm = LLM(str(tiny_llama_dir), device="cpu", kv_cache_memory="16MiB", **ENGINE)
+    whole = llm.generate(prompts()[1], params)[0].prompt_logprobs
+    monkeypatch.setattr(model_runner, "PROMPT_LOGPROBS_ROWS", 7)
+    sliced = llm.generate(prompts()[1], params)[0].prompt_logprobs
+    assert len(whole) == 170 and sliced == whole
