@@ -4,6 +4,8 @@
     python benchmarks/offline_throughput.py --dtypes bfloat16 --num-prompts 64 --profile
     python benchmarks/offline_throughput.py --dtypes bfloat16 --model ../shared/models/qwen2-0.5b-instruct \
         --load-format dummy                                       # the seed's model size, random weights
+    python benchmarks/offline_throughput.py --dtypes bfloat16 --quantization none,w8a16,w8a8 --repeats 2 \
+        --skip-transformers                                       # int8 against bf16, interleaved, same run
 
 For each dtype it measures, on the same seeded prompts (`--input-len` random token ids each, greedy,
 `--output-len` tokens each with EOS ignored):
@@ -11,7 +13,9 @@ For each dtype it measures, on the same seeded prompts (`--input-len` random tok
   - ours, one prompt at a time (batch 1), ms per output token of decode (TPOT);
   - transformers `generate`, all prompts in one batch (equal lengths, so no padding);
   - transformers `generate`, one prompt at a time (`--hf-single-prompts` of them: 36 tok/s is slow).
-and prints each figure and the ratios ours / transformers. `--profile` adds a torch.profiler breakdown of
+and prints each figure and the ratios ours / transformers. With `--quantization` each scheme runs in turn
+(`--repeats` rounds, interleaved, so a shared machine's load hits all alike), adds the prefill rate (every prompt
+with max_tokens 1) and prints each scheme's ratios to the unquantized run of the same round. `--profile` adds a torch.profiler breakdown of
 one batch-1 decode step of ours (linears, attention, norms/rotary, sampling, the rest = Python overhead).
 
 The model is an HF directory; by default the packaged SmolLM2-135M-Instruct GGUF turned into one by
@@ -56,15 +60,18 @@ def make_prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
 
 
 def run_ours(model: str, dtype: str, prompts: list[list[int]], output_len: int, single: int,
-             profile: bool, load_format: str = "auto") -> dict:
+             profile: bool, load_format: str = "auto", quantization: str | None = None) -> dict:
     from npu_infer import LLM, SamplingParams
     start = time.perf_counter()
     llm = LLM(model, device="cpu", dtype=dtype, max_model_len=1024, max_num_seqs=max(len(prompts), 1),
               max_num_batched_tokens=max(2048, len(prompts[0]) * 2), kv_cache_memory="2GiB",
-              load_format=load_format, skip_tokenizer_init=load_format == "dummy")
+              load_format=load_format, skip_tokenizer_init=load_format == "dummy", quantization=quantization)
     load_s = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
+    start = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=1))
+    prefill_tok_s = sum(len(p) for p in prompts) / (time.perf_counter() - start)
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     batch_s = time.perf_counter() - start
@@ -72,7 +79,7 @@ def run_ours(model: str, dtype: str, prompts: list[list[int]], output_len: int, 
     tpots = []
     for p in prompts[:single]:
         tpots.append(_decode_tpot(llm, p, output_len))
-    result = {"load_s": load_s, "batch_tok_s": generated / batch_s, "batch_s": batch_s,
+    result = {"load_s": load_s, "prefill_tok_s": prefill_tok_s, "batch_tok_s": generated / batch_s, "batch_s": batch_s,
               "batch1_tpot_ms": 1000 * sum(tpots) / len(tpots), "batch1_tok_s": len(tpots) / sum(tpots),
               "max_batch": llm.engine.stats.max_batch_size}
     if profile:
@@ -215,6 +222,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="break down one batch-1 decode step of ours")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--quantization", help="comma list of schemes to compare, none = unquantized "
+                        "(e.g. none,w8a16,w8a8); runs ours only")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the --quantization comparison")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model = args.model or str(smollm2_hf_dir(ROOT / ".bench" / "smollm2-hf"))
@@ -222,6 +232,9 @@ def main() -> None:
     prompts = make_prompts(args.num_prompts, args.input_len, args.seed, vocab)
     print(f"model {model}; {args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy; "
           f"torch threads {torch.get_num_threads()}", flush=True)
+    if args.quantization:
+        compare_quantization(args, model, prompts)
+        return
     results = {}
     for dtype in args.dtypes.split(","):
         ours = run_ours(model, dtype, prompts, args.output_len, args.single_prompts, args.profile, args.load_format)
@@ -247,6 +260,42 @@ def main() -> None:
         results[dtype] = row
     line = json.dumps({"num_prompts": args.num_prompts, "input_len": args.input_len,
                        "output_len": args.output_len, "results": results})
+    print(line)
+    if args.json_out:
+        args.json_out.write_text(line + "\n")
+
+
+def compare_quantization(args, model: str, prompts: list[list[int]]) -> None:
+    """Each scheme of --quantization in turn, --repeats rounds; ratios to the round's unquantized run."""
+    schemes = args.quantization.split(",")
+    dtype = args.dtypes.split(",")[0]
+    rounds = []
+    for r in range(args.repeats):
+        row = {}
+        for scheme in schemes:
+            res = run_ours(model, dtype, prompts, args.output_len, args.single_prompts, args.profile,
+                           args.load_format, None if scheme == "none" else scheme)
+            row[scheme] = res
+            print(f"[round {r + 1} {dtype} {scheme}] batch {args.num_prompts}: {res['batch_tok_s']:.1f} out tok/s; "
+                  f"prefill {res['prefill_tok_s']:.0f} tok/s; batch 1: TPOT {res['batch1_tpot_ms']:.2f} ms; "
+                  f"load {res['load_s']:.1f} s", flush=True)
+            if "profile" in res:
+                print(f"[round {r + 1} {scheme}] one batch-1 decode step: " +
+                      ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in res["profile"].items()), flush=True)
+        if "none" in row:
+            base = row["none"]
+            for scheme in schemes:
+                if scheme == "none":
+                    continue
+                res = row[scheme]
+                print(f"[round {r + 1}] {scheme} / none: batch-1 TPOT {res['batch1_tpot_ms'] / base['batch1_tpot_ms']:.2f}x"
+                      f", batch {args.num_prompts} out tok/s {res['batch_tok_s'] / base['batch_tok_s']:.2f}x"
+                      f", prefill {res['prefill_tok_s'] / base['prefill_tok_s']:.2f}x"
+                      f", load {res['load_s'] / base['load_s']:.2f}x", flush=True)
+        rounds.append(row)
+    line = json.dumps({"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+                       "dtype": dtype, "rounds": rounds})
     print(line)
     if args.json_out:
         args.json_out.write_text(line + "\n")

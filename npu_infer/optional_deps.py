@@ -5,7 +5,7 @@ import importlib
 from types import ModuleType
 
 # module -> the pyproject extra that installs it
-EXTRAS = {"tensorizer": "tensorizer", "bitsandbytes": "bnb", "torch_npu": "npu"}
+EXTRAS = {"tensorizer": "tensorizer", "bitsandbytes": "bnb", "torch_npu": "npu", "compressed_tensors": "quant"}
 
 
 class MissingDependencyError(ImportError):

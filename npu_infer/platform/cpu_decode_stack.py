@@ -3,7 +3,7 @@
 The Python layers make ~12 module calls and ~7 kernel calls per layer: at batch 1 that is ~3 ms of a 13 ms step.
 DecodeStack makes the same kernel calls in the same order from C++, so its output is bit for bit the Python
 path's (the tests check that); it runs only where that holds: bf16 or fp32, one TP rank and one PP stage, every sequence
-of the step decoding, at most GEMV_MAX_ROWS of them. Everything else takes the Python layers."""
+of the step decoding, at most GEMV_MAX_ROWS of them. Linears may be bf16/fp32 or int8 (W8A8 / W8A16). Everything else takes the Python layers."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -23,17 +23,14 @@ class CpuDecodeStack:
         first = layers[0]
         attn = first.self_attn
         self.layers = layers
-        gemv = lambda linear: linear.platform_matmul.gemv  # noqa: E731
+        stacked = lambda linear: linear.platform_matmul.stack_linear(linear.bias)  # noqa: E731
         self.stack = kernels.DecodeStack(
             [layer.input_layernorm.weight for layer in layers],
             [layer.post_attention_layernorm.weight for layer in layers],
-            [gemv(layer.self_attn.qkv_proj) for layer in layers],
-            [layer.self_attn.qkv_proj.bias for layer in layers],
-            [gemv(layer.self_attn.o_proj) for layer in layers],
-            [layer.self_attn.o_proj.bias for layer in layers],
-            [gemv(layer.mlp.gate_up_proj) for layer in layers],
-            [gemv(layer.mlp.down_proj) for layer in layers],
-            first.mlp.down_proj.platform_matmul.out_features, first.mlp.gate_up_proj.platform_matmul.out_features // 2,
+            [stacked(layer.self_attn.qkv_proj) for layer in layers],
+            [stacked(layer.self_attn.o_proj) for layer in layers],
+            [stacked(layer.mlp.gate_up_proj) for layer in layers],
+            [stacked(layer.mlp.down_proj) for layer in layers],
             attn.num_heads, attn.num_kv_heads, attn.attn.head_dim, first.input_layernorm.eps, attn.attn.scale,
             attn.rotary.cos_sin_cache)
         self.caches: list[torch.Tensor] | None = None
@@ -47,11 +44,10 @@ class CpuDecodeStack:
         attn = layers[0].self_attn
         linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                    layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        # Quantized (bitsandbytes) linears have no packed weight: they keep the Python layers.
+        # bitsandbytes linears have no packed weight, nor int8 ones without their kernel: they keep the Python layers.
         return (attn.attn.head_dim in KERNEL_HEAD_DIMS
-                and all(getattr(getattr(m, "platform_matmul", None), "gemv", None) is not None for m in linears)
-                and all(m.tp_size == 1 for m in linears)
-                and all(m.bias is None for layer in layers for m in (layer.mlp.gate_up_proj, layer.mlp.down_proj)))
+                and all(getattr(getattr(m, "platform_matmul", None), "runs_in_stack", False) for m in linears)
+                and all(m.tp_size == 1 for m in linears))
 
     def accepts(self, hidden: torch.Tensor, meta: AttentionMetadata) -> bool:
         return meta.num_decodes == hidden.shape[0] <= GEMV_MAX_ROWS and self._bound_caches() is not None

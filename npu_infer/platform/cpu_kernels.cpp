@@ -9,67 +9,20 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "cpu_simd.h"
+#include "cpu_int8_kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
-using bf16 = at::BFloat16;
+using namespace npu_infer_simd;
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline __m512 load16_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16_masked(const bf16* p, __mmask16 m) {
-  __m256i raw = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(bf16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
-inline void store16_masked(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store16_masked(bf16* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
-// The value a bf16 tensor would hold: rounds fp32 lanes to bf16 precision (identity for fp32).
-template <typename T> inline __m512 round_like(__m512 v) { return v; }
-template <> inline __m512 round_like<bf16>(__m512 v) {
-  __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// exp(x) for x <= 88: 2^n * p(r) with r = x - n ln2 (Cephes' expf polynomial, ~1 ulp).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp underflows to 0 below this
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// Which instantiation runs a tensor: bf16 or fp32, anything else refused.
-inline bool is_bf16(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat,
-              "CPU kernels take bfloat16 or float32 tensors, not ", t.scalar_type());
-  return t.scalar_type() == at::kBFloat16;
-}
-
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 // ---------------------------------------------------------------------------------------------------
 // RMSNorm, optionally after `residual += x` (written back to residual). As transformers' LlamaRMSNorm:
@@ -364,40 +317,6 @@ at::Tensor pack_linear(const at::Tensor& weight) {
   return padded.view({panels, 64, k / pairs, pairs}).permute({0, 2, 1, 3}).contiguous();
 }
 
-constexpr int kMaxRowsPerPass = 4;
-
-// acc_out[m * 64 + r] = x[m] . W[r] over one panel, for M rows of x (row stride x_stride, in steps).
-template <typename W, int M>
-inline void panel_dot(const W* panel, const void* x, int64_t x_stride, int64_t steps, float* acc_out) {
-  __m512 acc[M][4];
-  for (int m = 0; m < M; ++m)
-    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
-  const W* w = panel;
-  for (int64_t k = 0; k < steps; ++k, w += 64 * (sizeof(float) / sizeof(W))) {
-    // Ahead into L2 (32 KiB on): measured 5-10% over the hardware prefetcher alone on a 2-core EPYC.
-    const char* ahead = reinterpret_cast<const char*>(w) + 256 * 128;
-    for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
-    if constexpr (std::is_same_v<W, bf16>) {
-      const int32_t* xp = static_cast<const int32_t*>(x);
-      __m512bh wv[4];
-      for (int j = 0; j < 4; ++j) wv[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + j * 32));
-      for (int m = 0; m < M; ++m) {
-        const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(xp[m * x_stride + k]));
-        for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xb);
-      }
-    } else {
-      const float* xp = static_cast<const float*>(x);
-      __m512 wv[4];
-      for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_ps(w + j * 16);
-      for (int m = 0; m < M; ++m) {
-        const __m512 xb = _mm512_set1_ps(xp[m * x_stride + k]);
-        for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], xb, acc[m][j]);
-      }
-    }
-  }
-  for (int m = 0; m < M; ++m)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc_out + m * 64 + j * 16, acc[m][j]);
-}
 
 template <typename W, typename Out>
 void linear_packed_impl(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, int64_t n,
@@ -459,20 +378,33 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
 // A Llama / Qwen2 decoder stack for pure decode steps, run layer after layer in C++ with the kernels above:
 // the same calls in the same order as the Python layers make through CpuOps / CpuAttentionBackend /
 // CpuPackedLinear (so the same bits out), minus ~100 us of Python and dispatch per layer.
+// One linear of the decode stack, as the Python layer's platform_matmul holds it: a weight pack_linear packed
+// (scheme ""), or an int8 one with its fp32 scales and, for w8a8, its compensation sums (cpu_int8_kernels.h).
+// The bias is the one that layer's call passes: of x's dtype for "", fp32 for the int8 schemes.
+struct StackLinear {
+  std::string scheme;
+  at::Tensor packed;
+  int64_t n;
+  c10::optional<at::Tensor> bias, scale, comp;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    if (scheme.empty()) return linear_packed(x, packed, n, bias, false);
+    if (scheme == "w8a8") return npu_infer_int8::linear_w8a8(x, packed, *scale, *comp, n, bias, false);
+    return npu_infer_int8::linear_w8a16(x, packed, *scale, n, bias, false);
+  }
+};
+
 class DecodeStack {
  public:
-  DecodeStack(std::vector<at::Tensor> input_norms, std::vector<at::Tensor> post_norms, std::vector<at::Tensor> qkv,
-              std::vector<c10::optional<at::Tensor>> qkv_bias, std::vector<at::Tensor> o_proj,
-              std::vector<c10::optional<at::Tensor>> o_bias, std::vector<at::Tensor> gate_up,
-              std::vector<at::Tensor> down, int64_t hidden, int64_t inter, int64_t heads, int64_t kv_heads,
-              int64_t head_dim, double eps, double scale, at::Tensor cos_sin)
+  DecodeStack(std::vector<at::Tensor> input_norms, std::vector<at::Tensor> post_norms, std::vector<StackLinear> qkv,
+              std::vector<StackLinear> o_proj, std::vector<StackLinear> gate_up, std::vector<StackLinear> down,
+              int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, double scale, at::Tensor cos_sin)
       : input_norms_(std::move(input_norms)), post_norms_(std::move(post_norms)), qkv_(std::move(qkv)),
-        qkv_bias_(std::move(qkv_bias)), o_proj_(std::move(o_proj)), o_bias_(std::move(o_bias)),
-        gate_up_(std::move(gate_up)), down_(std::move(down)), hidden_(hidden), inter_(inter), heads_(heads),
+        o_proj_(std::move(o_proj)), gate_up_(std::move(gate_up)), down_(std::move(down)), heads_(heads),
         kv_heads_(kv_heads), head_dim_(head_dim), eps_(eps), scale_(scale), cos_sin_(std::move(cos_sin)) {
     const size_t n = input_norms_.size();
-    TORCH_CHECK(post_norms_.size() == n && qkv_.size() == n && qkv_bias_.size() == n && o_proj_.size() == n &&
-                o_bias_.size() == n && gate_up_.size() == n && down_.size() == n, "DecodeStack: one entry per layer");
+    TORCH_CHECK(post_norms_.size() == n && qkv_.size() == n && o_proj_.size() == n && gate_up_.size() == n &&
+                down_.size() == n, "DecodeStack: one entry per layer");
   }
 
   // hidden [M, hidden] (the embeddings; becomes the first residual), one new token per sequence.
@@ -485,26 +417,21 @@ class DecodeStack {
     for (size_t i = 0; i < qkv_.size(); ++i) {
       at::Tensor h = i == 0 ? rms_norm(hidden, c10::nullopt, input_norms_[i], eps_)
                             : rms_norm(hidden, residual, input_norms_[i], eps_);
-      at::Tensor qkv = linear_packed(h, qkv_[i], q_size + 2 * kv_size, qkv_bias_[i], false);
+      at::Tensor qkv = qkv_[i](h);
       rotary_(qkv, positions, cos_sin_, heads_ + kv_heads_, head_dim_);
       cache_write(qkv.narrow(1, q_size, kv_size), qkv.narrow(1, q_size + kv_size, kv_size), caches[i], slots);
       at::Tensor q = qkv.as_strided({rows, heads_, head_dim_}, {qkv.stride(0), head_dim_, 1});
       at::Tensor attn = decode_attention(q, caches[i], block_tables, seq_lens, scale_).view({rows, q_size});
-      at::Tensor o = linear_packed(attn, o_proj_[i], hidden_, o_bias_[i], false);
-      h = rms_norm(o, residual, post_norms_[i], eps_);
-      hidden = linear_packed(silu_and_mul(linear_packed(h, gate_up_[i], 2 * inter_, c10::nullopt, false)), down_[i],
-                             hidden_, c10::nullopt, false);
+      h = rms_norm(o_proj_[i](attn), residual, post_norms_[i], eps_);
+      hidden = down_[i](silu_and_mul(gate_up_[i](h)));
     }
     return {hidden, residual};
   }
 
  private:
-  std::vector<at::Tensor> input_norms_, post_norms_, qkv_;
-  std::vector<c10::optional<at::Tensor>> qkv_bias_;
-  std::vector<at::Tensor> o_proj_;
-  std::vector<c10::optional<at::Tensor>> o_bias_;
-  std::vector<at::Tensor> gate_up_, down_;
-  int64_t hidden_, inter_, heads_, kv_heads_, head_dim_;
+  std::vector<at::Tensor> input_norms_, post_norms_;
+  std::vector<StackLinear> qkv_, o_proj_, gate_up_, down_;
+  int64_t heads_, kv_heads_, head_dim_;
   double eps_, scale_;
   at::Tensor cos_sin_;
 };
@@ -520,10 +447,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear", &pack_linear, "pack an [N, K] bf16 or fp32 weight for linear_packed");
   m.def("linear_packed", &linear_packed, "x @ W^T (+ bias) from a packed weight", pybind11::arg("x"),
         pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias"), pybind11::arg("fp32_out") = false);
+  m.def("pack_int8", &npu_infer_int8::pack_int8, "pack an [N, K] int8 weight in panels (group 4: w8a8, 2: w8a16)");
+  m.def("quantize_per_token", &npu_infer_int8::quantize_per_token, "symmetric int8 per row: (q [M, K padded], scale [M])");
+  m.def("linear_w8a8_quantized", &npu_infer_int8::linear_w8a8_quantized, "int8 x int8 -> int32 with the scales applied");
+  m.def("linear_w8a8", &npu_infer_int8::linear_w8a8, "quantize x per token, then linear_w8a8_quantized");
+  m.def("linear_w8a16", &npu_infer_int8::linear_w8a16, "bf16 x int8 weights (made bf16 in registers)");
+  pybind11::class_<StackLinear>(m, "StackLinear")
+      .def(pybind11::init<std::string, at::Tensor, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+                          c10::optional<at::Tensor>>(),
+           pybind11::arg("scheme"), pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias"),
+           pybind11::arg("scale") = c10::nullopt, pybind11::arg("comp") = c10::nullopt)
+      .def("__call__", &StackLinear::operator(), "x @ W^T (+ bias), as the decode stack computes it");
   pybind11::class_<DecodeStack>(m, "DecodeStack")
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                          std::vector<c10::optional<at::Tensor>>, std::vector<at::Tensor>,
-                          std::vector<c10::optional<at::Tensor>>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                          int64_t, int64_t, int64_t, int64_t, int64_t, double, double, at::Tensor>())
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<StackLinear>,
+                          std::vector<StackLinear>, std::vector<StackLinear>, std::vector<StackLinear>, int64_t,
+                          int64_t, int64_t, double, double, at::Tensor>())
       .def("forward", &DecodeStack::forward, "all layers of a pure decode step: returns (hidden, residual)");
 }

@@ -1,4 +1,4 @@
-"""The AVX-512 CPU kernels of cpu_kernels.cpp, compiled on first use and cached (torch's JIT extension loader).
+"""The AVX-512 CPU kernels of cpu_kernels.cpp (and cpu_int8_kernels.cpp), compiled on first use and cached (torch's JIT extension loader).
 
 `load()` returns the compiled module, or None where it cannot be had: a CPU without AVX-512 BF16, no compiler,
 or NPU_INFER_CPU_KERNELS=0. Callers then use their plain-torch twins, so the kernels only ever make things faster.
@@ -20,7 +20,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_kernels.cpp", HERE / "cpu_int8_kernels.cpp")
+HEADERS = (HERE / "cpu_simd.h", HERE / "cpu_int8_kernels.h")
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 
 
@@ -89,8 +91,9 @@ def load() -> ModuleType | None:
     if missing:
         logger.info("CPU kernels off: this CPU lacks %s", ", ".join(missing))
         return None
-    source = SOURCE.read_text()
-    # -march=native code must not be reused on another CPU, nor across torch or Python versions.
+    # Every source and header is in the key (a change to any must rebuild); -march=native code must not be reused
+    # on another CPU, nor across torch or Python versions.
+    source = "".join(path.read_text() for path in SOURCES + HEADERS)
     key = f"{source}{torch.__version__}{sys.version_info[:2]}{' '.join(sorted(flags))}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     name = f"npu_infer_cpu_kernels_{digest}"
@@ -103,7 +106,7 @@ def load() -> ModuleType | None:
         _put_ninja_on_path()
         directory.mkdir(parents=True, exist_ok=True)
         logger.info("building the CPU kernels (once, about 25 s on 2 cores, then cached in %s)", directory)
-        return load_extension(name=name, sources=[str(SOURCE)], build_directory=str(directory),
+        return load_extension(name=name, sources=[str(path) for path in SOURCES], build_directory=str(directory),
                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                               verbose=False)
     except Exception as exc:  # no compiler, no ninja, a build error: the plain-torch ops still work

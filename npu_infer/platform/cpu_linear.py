@@ -1,11 +1,15 @@
 """Linear layers on the CPU: our AVX-512 kernel (bf16 or fp32) for decode-sized batches; oneDNN's bf16 GEMM or
-MKL's fp32 GEMM for long prefills."""
+MKL's fp32 GEMM for long prefills. int8 layers (W8A8 / W8A16): cpu_int8_kernels.cpp, oneDNN's int8 GEMM for long
+prefills."""
 from __future__ import annotations
 
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from npu_infer.models.layers.int8_linear import int8_matmul, quantize_per_token, w8a16_linear
+from npu_infer.platform.cpu_kernels import cpu_flags
 
 # Up to this many rows the kernel of cpu_kernels.cpp runs; above it, the library GEMM. Measured on 2 cores (a whole
 # SmolLM2 pass of linears). bf16: 9.4 vs oneDNN's 15.8 ms at 1 row, 46 vs 50 ms at 64 (memory-bound at first, then
@@ -35,3 +39,76 @@ class CpuPackedLinear:
         if self.onednn is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.onednn, bias, "none", [], "")
         return F.linear(x, self.weight, bias)
+
+    @property
+    def runs_in_stack(self) -> bool:
+        return self.gemv is not None and not self.logits
+
+    def stack_linear(self, bias: torch.Tensor | None):
+        """This linear as the C++ decode stack calls it."""
+        return self.kernels.StackLinear("", self.gemv, self.out_features, bias)
+
+
+# Above these many rows the library takes over: W8A8 per-token quantization + torch._int_mm (oneDNN's int8 GEMM, the
+# same exact int32 sums) with the scales applied by torch ops; W8A16 the weight made bf16 for the call + oneDNN.
+# Measured on 2 shared cores (benchmarks/int8_kernels.py, a SmolLM2 layer's 4 linears, three runs): at 1024 rows
+# our W8A8 kernel took 30-105 ms against _int_mm's 87-304 (its unfused epilogue makes several passes over the
+# [M, N] result) and W8A16's 56-127 against 51-144; at 256 rows the runs disagreed. So the kernels keep every
+# chunk up to the default 2048-token prefill step.
+W8A8_KERNEL_MAX_ROWS = 2048
+W8A16_KERNEL_MAX_ROWS = 2048
+
+
+class CpuInt8Linear:
+    """x @ (q * scale).T + bias for an int8 LinearBase (int8_linear.py), q packed once for cpu_int8_kernels.cpp.
+
+    W8A8 needs AVX512-VNNI and takes bf16 or fp32 x; W8A16 takes bf16 x. Elsewhere the plain-torch twin runs."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, scheme: str, kernels: ModuleType | None,
+                 dtype: torch.dtype):
+        self.weight, self.scale, self.scheme, self.kernels = weight, scale, scheme, kernels
+        self.out_features, self.in_features = weight.shape
+        usable = kernels is not None and (scheme == "w8a16" and dtype == torch.bfloat16
+                                           or scheme == "w8a8" and "avx512_vnni" in cpu_flags())
+        self.packed = kernels.pack_int8(weight, 4 if scheme == "w8a8" else 2) if usable else None
+        rows = -(-self.out_features // 64) * 64  # the kernels read whole 64-row panels
+        self.scale_padded = torch.ones(rows)
+        self.scale_padded[:self.out_features] = scale
+        self.comp = torch.zeros(rows, dtype=torch.int32)  # 128 * row sums: the +128 shift of the activations
+        self.comp[:self.out_features] = weight.sum(dim=1, dtype=torch.int32) * 128
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        fbias = bias.float() if bias is not None else None
+        if self.scheme == "w8a8":
+            if self.packed is not None and x.dim() == 2 and x.shape[0] <= W8A8_KERNEL_MAX_ROWS:
+                return self.kernels.linear_w8a8(x.contiguous(), self.packed, self.scale_padded, self.comp,
+                                                self.out_features, fbias, False)
+            return self._w8a8_library(x, fbias)
+        if (self.packed is not None and x.dim() == 2 and x.dtype == torch.bfloat16
+                and x.shape[0] <= W8A16_KERNEL_MAX_ROWS and self.in_features % 2 == 0):
+            return self.kernels.linear_w8a16(x.contiguous(), self.packed, self.scale_padded, self.out_features,
+                                             fbias, False)
+        if x.dtype == torch.bfloat16:  # many rows: one bf16 copy of the weight for this call, oneDNN's GEMM
+            weight = (self.weight.float() * self.scale[:, None]).to(torch.bfloat16)
+            return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
+        return w8a16_linear(x, self.weight, self.scale, bias)
+
+    def _w8a8_library(self, x: torch.Tensor, fbias: torch.Tensor | None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.packed is not None:
+            xq, x_scale = self.kernels.quantize_per_token(x2, self.in_features)
+        else:
+            xq, x_scale = quantize_per_token(x2)
+        y = int8_matmul(xq, self.weight).float() * (x_scale[:, None] * self.scale[None, :])
+        if fbias is not None:
+            y = y + fbias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    @property
+    def runs_in_stack(self) -> bool:
+        return self.packed is not None
+
+    def stack_linear(self, bias: torch.Tensor | None):
+        return self.kernels.StackLinear(self.scheme, self.packed, self.out_features,
+                                        bias.float() if bias is not None else None, self.scale_padded, self.comp)

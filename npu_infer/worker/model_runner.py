@@ -9,7 +9,8 @@ from npu_infer.distributed.parallel_state import get_pp_group
 from npu_infer.platform import current_platform
 from npu_infer.sampling import SamplerRow, prompt_logprobs, sample
 from npu_infer.worker.context import AttentionMetadata, set_context
-from npu_infer.worker.step_io import SeqChunk, StepInput, StepOutput
+from npu_infer.worker.logits_masks import apply_logits_masks
+from npu_infer.worker.step_io import LogitsMasks, SeqChunk, StepInput, StepOutput
 
 
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions whose logits exist at once (profile_run includes one such slice)
@@ -100,14 +101,17 @@ class ModelRunner:
             pp.send(residual, pp.next_rank)
             current_platform().synchronize()  # nothing here waits for the device: the pinned inputs must be read
             return None
-        return self._sample(chunks, hidden, meta)
+        return self._sample(chunks, hidden, meta, step.logits_masks)
 
-    def _sample(self, chunks: list[SeqChunk], hidden: torch.Tensor, meta: AttentionMetadata) -> StepOutput:
+    def _sample(self, chunks: list[SeqChunk], hidden: torch.Tensor, meta: AttentionMetadata,
+                masks: LogitsMasks | None = None) -> StepOutput:
         out = StepOutput()
         rows = [i for i, c in enumerate(chunks) if c.sample]
         if rows:
             last_token = np.cumsum(meta.query_lens_cpu)[rows] - 1  # each sampled row's newest token
             logits = self.model.compute_logits(hidden[torch.from_numpy(last_token).to(self.device)])
+            if masks is not None:  # structured outputs, allowed ids, bad words, logit_bias, min_tokens
+                logits = apply_logits_masks(logits.float(), masks, {chunks[i].request_id: j for j, i in enumerate(rows)})
             sampler_rows = [SamplerRow(chunks[i].params, self._generator(chunks[i]), chunks[i].prompt_ids or [],
                                        chunks[i].output_ids or []) for i in rows]
             result = sample(logits, sampler_rows)

@@ -35,6 +35,21 @@ def test_underscored_flags_as_vllm_reads_them():
     assert (args.max_model_len, args.max_num_seqs, args.served_model_name) == (512, 8, ["a_b"])
 
 
+def test_config_file_as_vllms(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("max_model_len: 1k\nenforce-eager: true\nenable-prefix-caching: false\n"
+                      "served-model-name: [a, b]\ncompilation-config: {level: 3}\nport: 9000\n")
+    args = parse_serve_args(["/m", "--config", str(config), "--port", "9001"])
+    assert (args.model, args.max_model_len, args.enable_prefix_caching, args.served_model_name) == (
+        "/m", 1000, False, ["a", "b"])
+    assert args.port == 9001  # the command line wins over the file
+    assert args.vllm_enforce_eager is True and json.loads(args.vllm_compilation_config) == {"level": 3}
+    assert parse_serve_args(["/cli-model", "--config", str(config)]).served_model_name == ["a", "b"]
+    config.write_text("- not a mapping\n")
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--config", str(config)])
+
+
 @pytest.mark.parametrize("text, value", [("32k", 32000), ("32K", 32768), ("1M", 2**20), ("1m", 10**6),
                                          ("25.6k", 25600), ("2048", 2048), ("auto", None), ("-1", None)])
 def test_max_model_len_suffixes_as_vllm(text, value):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from npu_infer.distributed.parallel_state import get_tp_group
+from npu_infer.models.layers.int8_linear import int8_linear
 
 
 def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -42,9 +43,12 @@ class LinearBase(nn.Module):
 
 
 def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ layer.weight.T + bias, through the platform's kernel when it set one."""
+    """x @ layer.weight.T + bias, through the platform's kernel when it set one (int8 layers: their plain-torch
+    twin otherwise, int8_linear.py)."""
     if layer.platform_matmul is not None:
         return layer.platform_matmul(x, bias)
+    if getattr(layer, "quant_scheme", None) is not None:
+        return int8_linear(x, layer, bias)
     return F.linear(x, layer.weight, bias)
 
 

@@ -1,0 +1,202 @@
+"""vLLM's compressed-tensors int8 checkpoints, read and written as they are (never dequantized to bf16).
+
+Two layouts (what llm-compressor writes and vLLM serves), per linear layer `X` of the decoder:
+* W8A8 (format `int-quantized`): `X.weight` int8 [N, K], `X.weight_scale` [N, 1]; activations int8 per token,
+  dynamic (config `input_activations`: 8-bit int, strategy token, dynamic).
+* W8A16 (format `pack-quantized`): `X.weight_packed` int32 [N, K / 4] (four int8, offset by 128, packed by
+  compressed_tensors' pack_to_int32), `X.weight_scale` [N, 1], `X.weight_shape` [2]; no input_activations.
+Weights symmetric, strategy channel. The embedding and `lm_head` are left out (config `ignore`).
+`npu-infer quantize` writes these from a full checkpoint (safetensors or GGUF); loading reads the config through
+the `compressed-tensors` package (pip install 'npu_infer[quant]')."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from npu_infer.config import EngineConfig
+from npu_infer.models.layers.int8_linear import INT8_SCHEMES, make_int8, quantize_weight
+from npu_infer.optional_deps import import_optional
+
+QUANT_METHOD = "compressed-tensors"
+FORMATS = {"w8a8": "int-quantized", "w8a16": "pack-quantized"}
+# HF names of the decoder's linear weights (Llama / Qwen2), the ones quantized.
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _import():
+    import_optional("compressed_tensors", "compressed-tensors int8 checkpoints")
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    from compressed_tensors.quantization import QuantizationConfig
+    return QuantizationConfig, pack_to_int32, unpack_from_int32
+
+
+def quantization_config(scheme: str) -> dict:
+    """config.json's quantization_config for `scheme`, built by compressed_tensors itself."""
+    QuantizationConfig, _, _ = _import()
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
+    acts = (QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+            if scheme == "w8a8" else None)
+    group = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+    qc = QuantizationConfig(config_groups={"group_0": group}, format=FORMATS[scheme], ignore=["lm_head"],
+                            quantization_status="compressed")
+    return json.loads(qc.model_dump_json(exclude_none=True))
+
+
+def checkpoint_scheme(qc: dict) -> str:
+    """w8a8 or w8a16 for a compressed-tensors quantization_config this engine serves; else one clear error."""
+    QuantizationConfig, _, _ = _import()
+    try:
+        parsed = QuantizationConfig.model_validate(qc)
+    except Exception as exc:
+        raise ValueError(f"the checkpoint's compressed-tensors quantization_config is not valid: "
+                         f"{str(exc).splitlines()[0]}") from None
+    groups = list(parsed.config_groups.values())
+    if len(groups) != 1:
+        raise ValueError(f"compressed-tensors: one config group supported, the checkpoint has {len(groups)}")
+    w, a = groups[0].weights, groups[0].input_activations
+    weights_ok = (w is not None and w.num_bits == 8 and w.type == "int" and w.symmetric
+                  and w.strategy == "channel" and not w.dynamic)
+    if weights_ok and a is None and parsed.format == FORMATS["w8a16"]:
+        return "w8a16"
+    if (weights_ok and a is not None and a.num_bits == 8 and a.type == "int" and a.symmetric and a.dynamic
+            and a.strategy == "token" and parsed.format == FORMATS["w8a8"]):
+        return "w8a8"
+    raise ValueError("compressed-tensors: only int8 weights per channel (symmetric) with dynamic int8 per-token "
+                     f"activations (int-quantized) or none (pack-quantized) are served here; this checkpoint has "
+                     f"format {parsed.format}, weights {w and w.model_dump(exclude_none=True)}, activations "
+                     f"{a and a.model_dump(exclude_none=True)}")
+
+
+def _is_linear(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in LINEAR_NAMES and ".layers." in name
+
+
+def compress(weights: Iterable[tuple[str, torch.Tensor]], scheme: str,
+             dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full HF-named tensors -> the compressed-tensors ones: linear weights int8 per channel, the rest in `dtype`."""
+    _, pack_to_int32, _ = _import()
+    for name, tensor in weights:
+        if "rotary_emb.inv_freq" in name:
+            continue
+        if not _is_linear(name):
+            yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+            continue
+        q, scale = quantize_weight(tensor.to(dtype))  # as quantize-on-load sees it: the model's dtype first
+        base = name[:-len(".weight")]
+        if scheme == "w8a8":
+            yield name, q
+        else:
+            yield f"{base}.weight_packed", pack_to_int32(q, 8)
+            yield f"{base}.weight_shape", torch.tensor(q.shape)
+        yield f"{base}.weight_scale", scale[:, None].contiguous()
+
+
+def decompress(weights: Iterable[tuple[str, torch.Tensor]], scheme: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """compressed-tensors tensors -> ours: `X.weight` int8 [N, K] and `X.weight_scale` fp32 [N]."""
+    _, _, unpack_from_int32 = _import()
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in weights:
+        if name.endswith((".input_scale", ".input_zero_point", ".weight_zero_point", ".weight_g_idx")):
+            raise ValueError(f"{name}: static or asymmetric quantization is not served here (only symmetric "
+                             "per-channel weights, dynamic per-token activations)")
+        if name.endswith(".weight_scale"):
+            if tensor.dim() == 2 and tensor.shape[1] == 1:
+                tensor = tensor[:, 0]
+            if tensor.dim() != 1 or not tensor.is_floating_point():
+                raise ValueError(f"{name}: a per-channel scale [N] or [N, 1] expected, got {tuple(tensor.shape)} "
+                                 f"{tensor.dtype}")
+            yield name, tensor.float()
+        elif name.endswith((".weight_packed", ".weight_shape")):
+            base, part = name.rsplit(".", 1)
+            packed.setdefault(base, {})[part] = tensor
+            if len(packed[base]) == 2:
+                parts = packed.pop(base)
+                shape = torch.Size(parts["weight_shape"].tolist())
+                yield f"{base}.weight", unpack_from_int32(parts["weight_packed"], 8, shape)
+        elif _is_linear(name) and tensor.dtype != torch.int8:
+            raise ValueError(f"{name}: an int8 weight expected in a {scheme} checkpoint, got {tensor.dtype}")
+        else:
+            yield name, tensor
+    if packed:
+        raise ValueError(f"compressed-tensors: {next(iter(packed))} lacks its weight_packed or weight_shape")
+
+
+def prepare_int8_layers(model: nn.Module, scheme: str) -> None:
+    """Give every decoder LinearBase an int8 weight and an fp32 scale to be loaded into, TP-sliced by the layer's
+    own weight_loader (the scale like a bias: along N for column-parallel, whole for row-parallel)."""
+    from npu_infer.models.layers.linear import LinearBase
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            n, k = module.weight.shape
+            make_int8(module, scheme, torch.zeros(n, k, dtype=torch.int8, device=module.weight.device),
+                      torch.ones(n, device=module.weight.device))
+            module.weight.weight_loader = module.weight_loader
+            module.weight_scale.weight_loader = module.weight_loader
+
+
+def check_scales(model: nn.Module) -> None:
+    """A corrupt checkpoint (a scale that is NaN, infinite, zero or negative) fails here, by layer name."""
+    for name, module in model.named_modules():
+        scale = getattr(module, "weight_scale", None)
+        if scale is not None and (not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any())):
+            raise ValueError(f"{name}.weight_scale: int8 weight scales must be finite and positive; the checkpoint "
+                             "is corrupt")
+
+
+def load_compressed_tensors(model: nn.Module, config: EngineConfig, qc: dict) -> None:
+    from npu_infer.loaders.registry import feed_weights, iterate_source_weights, source_format
+    scheme = checkpoint_scheme(qc)
+    prepare_int8_layers(model, scheme)
+    feed_weights(model, decompress(iterate_source_weights(config, source_format(config)), scheme))
+    check_scales(model)
+
+
+def write_quantized(model: str, output: str, scheme: str, dtype: str = "bfloat16") -> Path:
+    """Quantize checkpoint `model` (safetensors, .bin or GGUF) to `output` as a compressed-tensors checkpoint."""
+    from safetensors.torch import save_file
+
+    from npu_infer.loaders.registry import detect_load_format, iterate_source_weights
+    from npu_infer.loaders.sharded_state import copy_side_files, source_config
+    if scheme not in INT8_SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(INT8_SCHEMES)}")
+    config = source_config(model, dtype)
+    fmt = detect_load_format(config)
+    if fmt not in ("auto", "safetensors", "pt", "gguf"):
+        raise ValueError(f"{config.model_path} loads as {fmt}; quantize needs a full-precision checkpoint "
+                         "(safetensors, .bin/.pt or GGUF)")
+    out = Path(output)
+    if out.resolve() == Path(config.model_path).resolve():
+        raise ValueError("--output must differ from the source model directory")
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = dict(compress(iterate_source_weights(config, fmt), scheme, config.torch_dtype))
+    copy_side_files(config, out)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = quantization_config(scheme)
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    target = out / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(target), metadata={"format": "pt"})
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="npu-infer quantize", description="Write an int8 compressed-tensors "
+                                     "checkpoint (vLLM's format) from a full-precision one.")
+    parser.add_argument("--model", required=True, help="source checkpoint: HF directory, .gguf file or model id")
+    parser.add_argument("--output", required=True, help="directory to write (model.safetensors, config, tokenizer)")
+    parser.add_argument("--scheme", required=True, choices=INT8_SCHEMES)
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized")
+    args = parser.parse_args(argv)
+    try:
+        target = write_quantized(args.model, args.output, args.scheme, args.dtype)
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB), {args.scheme}; serve with --model {target.parent}")
+    return 0

@@ -1,0 +1,91 @@
+"""int8 linear layers, W8A8 and W8A16, in plain torch: the reference every platform kernel is tested against, and
+the path taken where no kernel is.
+
+Weights: symmetric int8 per output channel, `weight_scale` fp32 [N] (w = q * scale). W8A8: activations quantized
+per token, dynamically (scale = amax(|row|) / 127), products summed exactly in int32, then
+y = acc * (x_scale[m] * w_scale[n]) + bias in fp32, rounded once. W8A16: y = (x . q in fp32) * w_scale[n] + bias.
+The embedding and the LM head are not LinearBase layers: they stay in the model dtype."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+INT8_SCHEMES = ("w8a8", "w8a16")
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (int8 [N, K], fp32 scale [N]), symmetric per output channel."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] float -> (int8 [M, K], fp32 scale [M]): the twin of the kernels' quantize_per_token."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(xf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """xq [M, K] @ wq [N, K]^T as exact int32 (oneDNN's int8 GEMM)."""
+    return torch._int_mm(xq, wq.t())
+
+
+def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    lead = x.shape[:-1]
+    xq, x_scale = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    y = int8_matmul(xq, wq).float() * (x_scale[:, None] * w_scale[None, :])
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype).reshape(*lead, wq.shape[0])
+
+
+def w8a16_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    y = (x.float() @ wq.float().t()) * w_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype)
+
+
+def int8_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+    """The plain-torch forward of a LinearBase that quantize_linears_int8 made int8."""
+    fn = w8a8_linear if layer.quant_scheme == "w8a8" else w8a16_linear
+    return fn(x, layer.weight, layer.weight_scale, bias)
+
+
+def make_int8(layer: nn.Module, scheme: str, wq: torch.Tensor, scale: torch.Tensor) -> None:
+    """Hold `wq` (int8 [N, K]) and `scale` (fp32 [N]) as the weight of the LinearBase `layer`."""
+    if scheme not in INT8_SCHEMES:
+        raise ValueError(f"unknown int8 scheme {scheme!r}; choose one of {', '.join(INT8_SCHEMES)}")
+    if wq.dtype != torch.int8 or wq.dim() != 2 or scale.shape != (wq.shape[0],):
+        raise ValueError(f"int8 weight [N, K] with one scale per output row expected, got {tuple(wq.shape)} "
+                         f"{wq.dtype} and scale {tuple(scale.shape)}")
+    scale = scale.float()
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise ValueError("int8 weight scales must be finite and positive")
+    layer.weight = nn.Parameter(wq, requires_grad=False)
+    layer.weight_scale = nn.Parameter(scale.contiguous(), requires_grad=False)
+    layer.quant_scheme = scheme
+
+
+def quantize_linears_int8(model: nn.Module, scheme: str) -> int:
+    """Quantize every loaded LinearBase of `model` in place (weight -> int8 + per-channel scale); returns how many."""
+    from npu_infer.models.layers.linear import LinearBase
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LinearBase) and getattr(module, "quant_scheme", None) is None:
+            make_int8(module, scheme, *quantize_weight(module.weight.data))
+            count += 1
+    if count == 0:
+        raise ValueError(f"--quantization {scheme} found no linear layers to quantize in this model")
+    logger.info("quantized %d linear layers to %s", count, scheme)
+    return count

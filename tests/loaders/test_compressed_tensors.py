@@ -1,0 +1,116 @@
+"""compressed-tensors int8 checkpoints: `npu-infer quantize` writes them (config built by the compressed_tensors
+package, vLLM's tensor layout), loading serves the int8 weights as stored; round trip against quantize-on-load,
+and one clear error for each bad checkpoint."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from npu_infer import LLM, SamplingParams
+from npu_infer.cli import main as cli_main
+from npu_infer.loaders.compressed_tensors import write_quantized
+
+pytest.importorskip("compressed_tensors")
+PROMPTS = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 40)]
+
+
+def run(model_dir, **kwargs):
+    llm = LLM(str(model_dir), device="cpu", dtype="bfloat16", kv_cache_memory="8MiB", skip_tokenizer_init=True,
+              max_model_len=256, **kwargs)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    return llm.engine.executor.worker.model, [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module", params=["w8a8", "w8a16"])
+def written(request, tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"ct-{request.param}")
+    assert cli_main(["quantize", "--model", str(tiny_llama_dir), "--output", str(out), "--scheme", request.param]) == 0
+    return request.param, out
+
+
+def test_quantize_writes_vllms_layout(written):
+    scheme, out = written
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["ignore"] == ["lm_head"]
+    assert qc["format"] == {"w8a8": "int-quantized", "w8a16": "pack-quantized"}[scheme]
+    group = qc["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["weights"]["num_bits"] == 8
+    assert ("input_activations" in group) == (scheme == "w8a8")
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    assert tensors[f"{name}.weight_scale"].dim() == 2 and tensors[f"{name}.weight_scale"].shape[1] == 1
+    if scheme == "w8a8":
+        assert tensors[f"{name}.weight"].dtype == torch.int8
+    else:
+        k = tensors[f"{name}.weight_shape"].tolist()[1]
+        assert tensors[f"{name}.weight_packed"].dtype == torch.int32
+        assert tensors[f"{name}.weight_packed"].shape[1] == k // 4 and f"{name}.weight" not in tensors
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+def test_round_trip_gives_the_tokens_and_weights_of_quantize_on_load(written, tiny_llama_dir):
+    scheme, out = written
+    loaded, tokens = run(out)
+    on_load, want = run(tiny_llama_dir, quantization=scheme)
+    assert tokens == want
+    for a, b in zip(loaded.model.layers, on_load.model.layers):
+        for la, lb in ((a.self_attn.qkv_proj, b.self_attn.qkv_proj), (a.mlp.down_proj, b.mlp.down_proj)):
+            assert la.quant_scheme == scheme and la.weight.dtype == torch.int8
+            assert torch.equal(la.weight, lb.weight) and torch.equal(la.weight_scale, lb.weight_scale)
+
+
+def corrupted(out, tmp_path, edit):
+    import shutil
+    target = tmp_path / "bad"
+    shutil.copytree(out, target)
+    tensors = load_file(target / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, str(target / "model.safetensors"))
+    return target
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -0.5])
+def test_a_corrupt_scale_tensor_is_one_clear_error(written, tmp_path, bad):
+    _, out = written
+
+    def edit(t):
+        t["model.layers.1.mlp.down_proj.weight_scale"][3, 0] = bad
+    with pytest.raises(ValueError, match="layers.1.mlp.down_proj.weight_scale: int8 weight scales must be finite"):
+        run(corrupted(out, tmp_path, edit))
+
+
+def test_a_missing_or_misshapen_scale_is_one_clear_error(written, tmp_path):
+    _, out = written
+    with pytest.raises(ValueError, match="lacks tensors: .*weight_scale"):
+        run(corrupted(out, tmp_path, lambda t: t.pop("model.layers.0.self_attn.o_proj.weight_scale")))
+    with pytest.raises(ValueError, match="per-channel scale"):
+        run(corrupted(out, tmp_path / "2", lambda t: t.update(
+            {"model.layers.0.self_attn.o_proj.weight_scale": torch.ones(3, 2)})))
+
+
+def test_quantizing_an_already_quantized_checkpoint_again_is_one_clear_error(written):
+    scheme, out = written
+    other = "w8a16" if scheme == "w8a8" else "w8a8"
+    with pytest.raises(ValueError, match=f"--quantization {other} .* already quantized \\(compressed-tensors\\)"):
+        run(out, quantization=other)
+
+
+def test_an_unsupported_compressed_tensors_scheme_is_one_clear_error(written, tmp_path):
+    import shutil
+    _, out = written
+    target = tmp_path / "group"
+    shutil.copytree(out, target)
+    cfg = json.loads((target / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"].update(strategy="group", group_size=128)
+    (target / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="only int8 weights per channel"):
+        run(target)
+
+
+def test_quantize_refuses_its_own_source_as_output(tiny_llama_dir):
+    with pytest.raises(ValueError, match="must differ"):
+        write_quantized(str(tiny_llama_dir), str(tiny_llama_dir), "w8a8")
