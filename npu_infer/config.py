@@ -132,6 +132,9 @@ class EngineConfig:
         if self.torch_dtype not in supported_dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in supported_dtypes)
             raise ValueError(f"dtype {self.torch_dtype} is not supported on {device_name}; use one of {names}")
+        if device_name == "npu" and self.quantization == "bitsandbytes":
+            raise ValueError("--quantization bitsandbytes is not supported on npu (bitsandbytes has no NPU kernels: "
+                             "it would dequantize every weight on every matmul); serve the unquantized model")
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
         if self.max_model_len is None:
             self.max_model_len = model_max
