@@ -5,7 +5,7 @@ Paths: bf16 = our packed AVX-512 kernel up to 256 rows, oneDNN above (CpuPackedL
 cpu_int8_kernels.cpp forced; w8a8 onednn = per-token quantization + torch._int_mm (oneDNN's int8 GEMM) + scales;
 w8a16 onednn = the weight made bf16 per call + oneDNN's bf16 GEMM.
 
-    python benchmarks/int8_kernels.py [--rows 1 16 64 256 1024] [--repeats 5]
+    python benchmarks/int8_kernels.py [--rows 1 16 64 256 1024] [--repeats 5] [--threads 1]
 """
 from __future__ import annotations
 
@@ -48,7 +48,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch threads (1 is steadier on a loaded machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     kernels = cpu_kernels.load()
     if kernels is None:
         raise SystemExit("the CPU kernels are unavailable here")

@@ -1,4 +1,4 @@
-"""`npu-infer` console script: serve | env | save-sharded-state | tensorize | quantize | worker."""
+"""`npu-infer` console script: serve | env | save-sharded-state | tensorize | quantize | selftest | worker."""
 from __future__ import annotations
 
 import importlib
@@ -13,6 +13,7 @@ COMMANDS = {
     "save-sharded-state": ("npu_infer.loaders.sharded_state", "main", "write each rank's weights to its own file"),
     "tensorize": ("npu_infer.loaders.tensorizer_loader", "main", "serialize a model for --load-format tensorizer"),
     "quantize": ("npu_infer.loaders.compressed_tensors", "main", "write an int8 (w8a8 | w8a16) compressed-tensors checkpoint"),
+    "selftest": ("npu_infer.selftest", "main", "check every kernel, the sampler and two tiny models on the device"),
     "worker": ("npu_infer.worker.multiproc_executor", "worker_main", "run the worker ranks of one node (multi-node)"),
 }
 

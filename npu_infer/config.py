@@ -65,6 +65,11 @@ class EngineConfig:
     trust_remote_code: bool = False
     chat_template: str | None = None
     quantization: str | None = None
+    # Structured outputs and reasoning (--structured-outputs-config, --reasoning-parser), priority scheduling.
+    structured_outputs_backend: str = "auto"          # auto (xgrammar, else llguidance) | xgrammar | guidance
+    structured_outputs_disable_any_whitespace: bool = False
+    reasoning_parser: str | None = None
+    scheduling_policy: str = "fcfs"                   # fcfs | priority
     # vLLM's --generation-config (auto | vllm | a directory) and --override-generation-config: the sampling
     # defaults a request gets for the fields it leaves out (npu_infer/generation_config.py).
     generation_config: str = "auto"
@@ -97,6 +102,11 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if self.served_model_name is None:
             self.served_model_name = self.model
+        if self.structured_outputs_backend not in ("auto", "xgrammar", "guidance"):
+            raise ValueError(f"unknown structured outputs backend {self.structured_outputs_backend!r}; "
+                             "use auto, xgrammar or guidance")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"unknown scheduling policy {self.scheduling_policy!r}; use fcfs or priority")
 
     @property
     def world_size(self) -> int:
@@ -120,6 +130,9 @@ class EngineConfig:
         if self.torch_dtype not in supported_dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in supported_dtypes)
             raise ValueError(f"dtype {self.torch_dtype} is not supported on {device_name}; use one of {names}")
+        if device_name == "npu" and self.quantization == "bitsandbytes":
+            raise ValueError("--quantization bitsandbytes is not supported on npu (bitsandbytes has no NPU kernels: "
+                             "it would dequantize every weight on every matmul); serve the unquantized model")
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
         if self.max_model_len is None:
             self.max_model_len = model_max

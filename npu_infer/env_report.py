@@ -1,4 +1,5 @@
-"""`npu-infer env`: the versions and devices a bug report needs (torch, torch_npu, CANN, transformers, memory)."""
+"""`npu-infer env`: the versions and devices a bug report needs (torch, torch_npu, CANN, NNAL/ATB and whether
+libatb.so loads, the Ascend driver, transformers, memory)."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +51,39 @@ def cann_version() -> tuple[str, str | None]:
     return "not found (install CANN and source its set_env.sh, which sets ASCEND_HOME_PATH)", None
 
 
+# NNAL's ATB (libatb.so: the _npu_* ops) and the driver, where their installers put them.
+DEFAULT_NNAL_ROOT = "/usr/local/Ascend/nnal/atb"
+DEFAULT_DRIVER_ROOT = "/usr/local/Ascend/driver"
+NNAL_HINT = f"install NNAL and `source {DEFAULT_NNAL_ROOT}/set_env.sh` (the _npu_* attention ops need libatb.so)"
+
+
+def atb_status() -> tuple[str, str]:
+    """(NNAL/ATB version, whether libatb.so loads): ATB_HOME_PATH is what nnal/atb/set_env.sh exports."""
+    homes = [Path(os.environ["ATB_HOME_PATH"])] if os.environ.get("ATB_HOME_PATH") else []
+    homes += sorted(Path(DEFAULT_NNAL_ROOT).glob("*/atb/cxx_abi_*"))
+    libs = [home / "lib" / "libatb.so" for home in homes if (home / "lib" / "libatb.so").is_file()]
+    version = "not found"
+    for info in [Path(DEFAULT_NNAL_ROOT) / "latest" / "version.info"] + [h.parents[1] / "version.info" for h in homes]:
+        match = _VERSION_LINE.search(info.read_text(errors="replace")) if info.is_file() else None
+        if match:
+            version = f"{match.group(1)} ({info})"
+            break
+    if not libs:
+        return version, f"not found; {NNAL_HINT}"
+    try:
+        import ctypes
+        ctypes.CDLL(str(libs[0]))
+    except OSError as exc:
+        return version, f"{libs[0]} fails to load ({exc}); source the CANN and NNAL set_env.sh scripts"
+    return version, f"loads ({libs[0]})"
+
+
+def driver_version() -> str:
+    info = Path(DEFAULT_DRIVER_ROOT) / "version.info"
+    match = _VERSION_LINE.search(info.read_text(errors="replace")) if info.is_file() else None
+    return match.group(1) if match else "not found"
+
+
 def torch_npu_status():
     """(module or None, text for the report)."""
     if importlib.util.find_spec("torch_npu") is None:
@@ -94,6 +128,7 @@ def collect() -> dict:
     from npu_infer import __version__
     torch_npu, torch_npu_text = torch_npu_status()
     version, source = cann_version()
+    atb = atb_status()
     return {
         "npu_infer": __version__,
         "python": host.python_version(),
@@ -101,6 +136,9 @@ def collect() -> dict:
         "torch": torch.__version__,
         "torch_npu": torch_npu_text,
         "CANN": version + (f" ({source})" if source else ""),
+        "NNAL/ATB": atb[0],
+        "libatb.so": atb[1],
+        "Ascend driver": driver_version(),
         "transformers": package_version("transformers"),
         "CUDA (torch build)": torch.version.cuda or "none",
         "ASCEND_RT_VISIBLE_DEVICES": os.environ.get("ASCEND_RT_VISIBLE_DEVICES", "(unset)"),

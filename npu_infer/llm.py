@@ -93,8 +93,9 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool | Callable[..., tqdm] = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template, then generate."""
+             add_generation_prompt: bool = True, tools: list[dict] | None = None,
+             documents: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template (with the tools and documents, as vLLM), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
@@ -102,7 +103,8 @@ class LLM:
         prompts = []
         for conversation in conversations:
             ids = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=True,
-                                                add_generation_prompt=add_generation_prompt)
+                                                add_generation_prompt=add_generation_prompt, tools=tools,
+                                                documents=documents, **(chat_template_kwargs or {}))
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)})

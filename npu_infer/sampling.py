@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from npu_infer.structured_output.params import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -29,6 +31,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None   # JSON schema / regex / choice / grammar
+    logit_bias: dict[int, float] | None = None   # added to the token's logit before sampling (-100..100)
+    allowed_token_ids: list[int] | None = None   # only these tokens may be sampled
+    bad_words: list[str] | None = None           # never generate these words (as vLLM: alone or after a space)
+    truncate_prompt_tokens: int | None = None    # keep only the prompt's last k tokens
     _stop_list: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +69,14 @@ class SamplingParams:
         if any(not s for s in self._stop_list):
             raise ValueError("stop strings must not be empty")
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            if any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+                raise ValueError("logit_bias values must be in [-100, 100]")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise ValueError(f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}")
 
     @property
     def stop_strings(self) -> list[str]:

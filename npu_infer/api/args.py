@@ -95,6 +95,8 @@ def make_parser() -> argparse.ArgumentParser:
     par.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 for torch.distributed")
     par.add_argument("--master-port", type=int, default=None, help="port of node 0 for torch.distributed")
 
+    add_structured_output_flags(p)
+
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default=None, help="address to listen on (default: all interfaces)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -134,6 +136,35 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_vllm_flags(p)
     return p
+
+
+def add_structured_output_flags(p: argparse.ArgumentParser) -> None:
+    from npu_infer.api.tool_parsers import TOOL_PARSERS
+    from npu_infer.reasoning import PARSERS
+    g = p.add_argument_group("structured outputs, tool calling and reasoning")
+    g.add_argument("--structured-outputs-config", type=_structured_outputs_config, default={},
+                   help='JSON: {"backend": "auto|xgrammar|guidance", "disable_any_whitespace": false}; auto takes '
+                        "xgrammar and falls back to llguidance for what xgrammar cannot compile")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
+    g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="how tool calls are read from the model's text (hermes: Qwen2/Qwen2.5, llama3_json: Llama 3.x)")
+    g.add_argument("--reasoning-parser", default=None, choices=sorted(PARSERS),
+                   help="split <think>...</think> into reasoning_content; structured output applies after it")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="priority: requests with a lower `priority` run first and are preempted last")
+
+
+def _structured_outputs_config(text: str) -> dict:
+    import json
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = {"backend": text}  # a bare backend name
+    if not isinstance(value, dict) or set(value) - {"backend", "disable_any_whitespace", "reasoning_parser"}:
+        raise argparse.ArgumentTypeError('expected JSON such as {"backend": "xgrammar"} (keys: backend, '
+                                         "disable_any_whitespace, reasoning_parser)")
+    return value
 
 
 def _json_list(value: str) -> list[str]:
@@ -231,6 +262,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         trust_remote_code=args.trust_remote_code, chat_template=args.chat_template, quantization=args.quantization,
         nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+        structured_outputs_backend=args.structured_outputs_config.get("backend", "auto"),
+        structured_outputs_disable_any_whitespace=bool(args.structured_outputs_config.get("disable_any_whitespace")),
+        reasoning_parser=args.reasoning_parser or args.structured_outputs_config.get("reasoning_parser"),
+        scheduling_policy=args.scheduling_policy,
         generation_config=args.generation_config, override_generation_config=args.override_generation_config)
 
 

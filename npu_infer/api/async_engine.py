@@ -114,7 +114,8 @@ class AsyncEngine:
         """The engine's counters as of its last step (a fresh dict each step; never mutated after)."""
         return self._snapshot
 
-    async def generate(self, request_id: str, prompt: dict, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: dict, params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield cumulative snapshots of the request until it finishes; queued snapshots are merged (the
         latest wins), so a slow reader never falls behind. Leaving early aborts the request."""
         if self._closing:
@@ -122,7 +123,7 @@ class AsyncEngine:
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
         stream = _Stream(request_id, asyncio.get_running_loop())
-        self._inbox.put(("add", stream, prompt, params))
+        self._inbox.put(("add", stream, prompt, params, priority))
         try:
             while True:
                 item = await stream.queue.get()
@@ -194,9 +195,9 @@ class AsyncEngine:
     def _handle(self, command: tuple) -> bool:
         kind = command[0]
         if kind == "add":
-            _, stream, prompt, params = command
+            _, stream, prompt, params, priority = command
             try:
-                self.engine.add_request(stream.request_id, prompt, params)
+                self.engine.add_request(stream.request_id, prompt, params, priority=priority)
             except Exception as exc:  # noqa: BLE001 -- delivered to the request's handler (a 400)
                 self._send([(stream, exc)])
             else:

@@ -8,13 +8,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from npu_infer.api.async_engine import RequestAborted
+from npu_infer.api.chat_output import ChoiceStream, ToolPlan, final_message, reasoning_parser, tool_plan
 from npu_infer.api.errors import APIError, bad_request
 from npu_infer.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
                                     ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
-                                    ChatResponseMessage, DeltaMessage, random_id)
+                                    DeltaMessage, UsageInfo, random_id)
 from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, chat_logprobs,
-                                   collect_until_disconnect, sse, stop_holdback, stream_failure,
-                                   watch_disconnect)
+                                   collect_until_disconnect, prompt_logprobs_json, sse, stop_holdback,
+                                   stream_failure, watch_disconnect)
 
 
 _RESERVED_KWARGS = {"conversation", "tokenize", "chat_template", "return_dict", "return_tensors", "tokenizer_kwargs"}
@@ -22,7 +23,8 @@ _RESERVED_KWARGS = {"conversation", "tokenize", "chat_template", "return_dict", 
 
 def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True,
                 continue_final_message: bool = False, chat_template: str | None = None,
-                template_kwargs: dict | None = None) -> list[int]:
+                template_kwargs: dict | None = None, tools: list[dict] | None = None,
+                documents: list[dict] | None = None, add_special_tokens: bool = False) -> list[int]:
     """The conversation as prompt token ids: the template renders the text, which already holds any BOS."""
     tokenizer = ctx.need_tokenizer("chat")
     try:
@@ -33,39 +35,65 @@ def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation
         # chat_template_kwargs may set the template's own switches (add_generation_prompt too), not ours.
         kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
                   **{k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_KWARGS}}
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template, **kwargs)
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template, tools=tools,
+                                             documents=documents, **kwargs)
     except ValueError as exc:  # no template, bad content parts
         raise bad_request(f"cannot apply the chat template: {exc}; start the server with --chat-template "
                           "if the model has none", "messages") from exc
     except Exception as exc:  # noqa: BLE001 -- jinja errors: the template refuses these messages
         raise bad_request(f"the chat template refused these messages: {type(exc).__name__}: {exc}",
                           "messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _template_kwargs(req: ChatCompletionRequest) -> dict:
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.reasoning_effort is not None:  # templates that take it (gpt-oss) read it, as in vLLM
+        kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+    return kwargs
+
+
+def _echo_prefix(req: ChatCompletionRequest) -> str:
+    """vLLM's chat echo: the last message's text when it is the assistant's own (continued) message."""
+    last = req.messages[-1]
+    if not req.echo or last.role != "assistant" or req.add_generation_prompt:
+        return ""
+    content = last.as_template_input()["content"]
+    return content if isinstance(content, str) else ""
 
 
 async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: ServingContext) -> Response:
+    ctx.check_request(req)
+    plan = tool_plan(req, ctx.enable_auto_tool_choice, ctx.tool_call_parser)
     model = ctx.model_name(req.model)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt, req.continue_final_message,
-                             req.chat_template, req.chat_template_kwargs)
+                             req.chat_template, _template_kwargs(req), tools, req.documents,
+                             bool(req.add_special_tokens))
     max_tokens = req.max_completion_tokens or req.max_tokens or ctx.default_max_tokens(len(prompt_ids))
     top_n = req.top_logprobs or 0
+    prompt_logprobs = req.prompt_logprobs
+    if prompt_logprobs is None and req.echo and req.logprobs:
+        prompt_logprobs = top_n
     try:
-        params = req.sampling_params(max_tokens, top_n if req.logprobs else None, defaults=ctx.sampling_defaults)
+        params = req.sampling_params(max_tokens, top_n if req.logprobs else None, prompt_logprobs,
+                                     defaults=ctx.sampling_defaults)
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
+    params.structured_outputs = req.structured_outputs_params(plan.schema)
     ctx.validate(prompt_ids, params, "messages")
-    request_id = random_id("chatcmpl")
+    request_id = ctx.request_id(req, raw, "chatcmpl")
     created = int(time.time())
     start = time.monotonic()
     ctx.log_received(request_id, None, prompt_ids, params)
-    stream = ctx.engine.generate(request_id, {"prompt_token_ids": prompt_ids}, params)
+    stream = ctx.engine.generate(request_id, {"prompt_token_ids": prompt_ids}, params, req.priority)
 
     def abort():
         ctx.engine.abort(request_id)
 
     if req.stream:
-        return StreamingResponse(_stream(req, raw, ctx, model, request_id, created, params, stream, abort, start),
-                                 media_type="text/event-stream")
+        return StreamingResponse(_stream(req, raw, ctx, model, request_id, created, params, stream, abort, start, plan),
+                                 media_type="text/event-stream", headers={"X-Request-Id": request_id})
     try:
         (final,) = await collect_until_disconnect(raw, [stream], abort)
     except ClientGone:
@@ -75,25 +103,38 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
         raise APIError(503, f"the request was aborted: {exc}") from exc
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
-    choices = [ChatCompletionResponseChoice(
-        index=out.index, message=ChatResponseMessage(role="assistant", content=out.text),
-        logprobs=chat_logprobs(ctx, out.token_ids, out.logprobs, top_n) if req.logprobs else None,
-        finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-        token_ids=list(out.token_ids) if ctx.send_token_ids(req) else None) for out in final.outputs]
+    echo = _echo_prefix(req)
+    as_ids = bool(req.return_tokens_as_token_ids)
+    reasoning = reasoning_parser(ctx.reasoning_parser)
+    choices = []
+    for out in final.outputs:
+        message, finish_reason = final_message(out.text, out.finish_reason, plan, reasoning, req.include_reasoning)
+        if echo:
+            message.content = echo + (message.content or "")
+        choices.append(ChatCompletionResponseChoice(
+            index=out.index, message=message,
+            logprobs=chat_logprobs(ctx, out.token_ids, out.logprobs, top_n, as_ids) if req.logprobs else None,
+            finish_reason=finish_reason, stop_reason=out.stop_reason,
+            token_ids=list(out.token_ids) if ctx.send_token_ids(req) else None))
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
+    prompt_tokens = len(final.prompt_token_ids)  # after truncate_prompt_tokens
     ctx.log_finished(request_id, len(prompt_ids), final.outputs, start, final.metrics.get("first_token_time"))
     response = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                      usage=ctx.usage(len(prompt_ids), completion_tokens, final.num_cached_tokens))
-    return JSONResponse(response.model_dump(mode="json"))
+                                      usage=ctx.usage(prompt_tokens, completion_tokens, final.num_cached_tokens),
+                                      prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs)
+                                      if req.prompt_logprobs is not None else None)
+    return JSONResponse(response.model_dump(mode="json"), headers={"X-Request-Id": request_id})
 
 
 async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext, model: str, request_id: str,
-                  created: int, params, stream, abort, start: float):
+                  created: int, params, stream, abort, start: float, plan: ToolPlan):
     watcher = asyncio.ensure_future(watch_disconnect(raw, abort))
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
     top_n = req.top_logprobs or 0
     cursors = [ChoiceCursor(holdback=stop_holdback(params)) for _ in range(params.n)]
+    reasoning = reasoning_parser(ctx.reasoning_parser)
+    states = [ChoiceStream(plan, reasoning, req.include_reasoning) for _ in range(params.n)]
     prompt_tokens = completion_tokens = cached_tokens = 0
     first_token = None
     finished = False
@@ -106,7 +147,8 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
 
     try:
         # The role comes first, in a chunk of its own, as OpenAI sends it.
-        yield sse(chunk([ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+        yield sse(chunk([ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                                      content=_echo_prefix(req)))
                          for i in range(params.n)]))
         async for out in stream:
             prompt_tokens, cached_tokens = len(out.prompt_token_ids), out.num_cached_tokens
@@ -121,10 +163,15 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
                 new_text, new_ids, new_entries = cursor.delta(choice)
                 if not new_text and not new_ids and choice.finish_reason is None:
                     continue
-                logprobs = chat_logprobs(ctx, new_ids, new_entries or [], top_n) if req.logprobs else None
+                logprobs = chat_logprobs(ctx, new_ids, new_entries or [], top_n,
+                                         bool(req.return_tokens_as_token_ids)) if req.logprobs else None
+                state = states[choice.index]
+                delta = state.update(new_text, choice.finish_reason is not None)
+                if delta is None and choice.finish_reason is None and not (logprobs or ctx.send_token_ids(req)):
+                    continue  # text held back (a tool call or tag still arriving)
                 choices.append(ChatCompletionResponseStreamChoice(
-                    index=choice.index, delta=DeltaMessage(content=new_text), logprobs=logprobs,
-                    finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
+                    index=choice.index, delta=delta or DeltaMessage(), logprobs=logprobs,
+                    finish_reason=state.finish_reason(choice.finish_reason), stop_reason=choice.stop_reason,
                     token_ids=list(new_ids) if ctx.send_token_ids(req) else None))
             finished = out.finished
             if choices:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from npu_infer.api.async_engine import RequestAborted
 from npu_infer.api.errors import APIError, bad_request
 from npu_infer.api.protocol import (CompletionRequest, CompletionResponse, CompletionResponseChoice,
-                                    CompletionResponseStreamChoice, CompletionStreamResponse, UsageInfo, random_id)
+                                    CompletionResponseStreamChoice, CompletionStreamResponse, UsageInfo)
 from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, collect_until_disconnect,
                                    completion_logprobs, merge, prompt_logprobs_json, sse, stop_holdback,
                                    stream_failure, watch_disconnect)
@@ -18,14 +18,14 @@ from npu_infer.outputs import RequestOutput
 from npu_infer.sampling import SamplingParams
 
 
-def _prompts(ctx: ServingContext, prompt) -> list[tuple[str | None, list[int]]]:
+def _prompts(ctx: ServingContext, prompt, add_special_tokens: bool = True) -> list[tuple[str | None, list[int]]]:
     """(text or None, token ids) for each prompt of the request."""
     if isinstance(prompt, str):
-        return [(prompt, ctx.encode(prompt))]
+        return [(prompt, ctx.encode(prompt, add_special_tokens))]
     if prompt and isinstance(prompt[0], int):
         return [(None, list(prompt))]
     if prompt and isinstance(prompt[0], str):
-        return [(p, ctx.encode(p)) for p in prompt]
+        return [(p, ctx.encode(p, add_special_tokens)) for p in prompt]
     return [(None, list(p)) for p in prompt]
 
 
@@ -42,14 +42,17 @@ def _params(req: CompletionRequest, ctx: ServingContext, prompt_ids: list[int]) 
     if req.echo and req.logprobs is not None:
         prompt_logprobs = max(prompt_logprobs or 0, req.logprobs)
     try:
-        return req.sampling_params(max_tokens, logprobs, prompt_logprobs, n=n, defaults=ctx.sampling_defaults)
+        params = req.sampling_params(max_tokens, logprobs, prompt_logprobs, n=n, defaults=ctx.sampling_defaults)
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
+    params.structured_outputs = req.structured_outputs_params()
+    return params
 
 
 async def create_completion(req: CompletionRequest, raw: Request, ctx: ServingContext) -> Response:
+    ctx.check_request(req)
     model = ctx.model_name(req.model)
-    prompts = _prompts(ctx, req.prompt)
+    prompts = _prompts(ctx, req.prompt, req.add_special_tokens is not False)
     params_list = []
     for i, (_, ids) in enumerate(prompts):
         params = _params(req, ctx, ids)
@@ -57,7 +60,7 @@ async def create_completion(req: CompletionRequest, raw: Request, ctx: ServingCo
         params_list.append(params)
     if req.echo and any(text is None for text, _ in prompts) and ctx.tokenizer is None:
         raise bad_request("echo of token-id prompts needs a tokenizer")
-    request_id = random_id("cmpl")
+    request_id = ctx.request_id(req, raw, "cmpl")
     created = int(time.time())
     sub_ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
     start = time.monotonic()
@@ -65,7 +68,7 @@ async def create_completion(req: CompletionRequest, raw: Request, ctx: ServingCo
         ctx.log_received(sub_id, text, ids, params)
 
     def streams():
-        return [ctx.engine.generate(sub_id, {"prompt": text, "prompt_token_ids": ids}, params)
+        return [ctx.engine.generate(sub_id, {"prompt": text, "prompt_token_ids": ids}, params, req.priority)
                 for sub_id, (text, ids), params in zip(sub_ids, prompts, params_list)]
 
     def abort_all():
@@ -74,7 +77,8 @@ async def create_completion(req: CompletionRequest, raw: Request, ctx: ServingCo
 
     if req.stream:
         return StreamingResponse(_stream(req, raw, ctx, model, request_id, created, prompts, params_list,
-                                         streams(), abort_all, start), media_type="text/event-stream")
+                                         streams(), abort_all, start), media_type="text/event-stream",
+                                 headers={"X-Request-Id": request_id})
     try:
         finals = await collect_until_disconnect(raw, streams(), abort_all)
     except ClientGone:
@@ -84,7 +88,8 @@ async def create_completion(req: CompletionRequest, raw: Request, ctx: ServingCo
         raise APIError(503, f"the request was aborted: {exc}") from exc
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
-    return JSONResponse(_response(req, ctx, model, request_id, created, prompts, finals, start).model_dump(mode="json"))
+    return JSONResponse(_response(req, ctx, model, request_id, created, prompts, finals, start).model_dump(mode="json"),
+                        headers={"X-Request-Id": request_id})
 
 
 def _echo_text(ctx: ServingContext, prompt: tuple[str | None, list[int]]) -> str:
@@ -114,7 +119,7 @@ def _response(req: CompletionRequest, ctx: ServingContext, model: str, request_i
                 if req.echo:
                     token_ids = final.prompt_token_ids + token_ids
                     entries = list(final.prompt_logprobs or [None] * len(final.prompt_token_ids)) + entries
-                logprobs = completion_logprobs(ctx, token_ids, entries)
+                logprobs = completion_logprobs(ctx, token_ids, entries, as_ids=bool(req.return_tokens_as_token_ids))
             choices.append(CompletionResponseChoice(
                 index=i * req.n + j, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
                 stop_reason=out.stop_reason, token_ids=list(out.token_ids) if ctx.send_token_ids(req) else None,
@@ -164,7 +169,7 @@ async def _stream(req: CompletionRequest, raw: Request, ctx: ServingContext, mod
                 logprobs = None
                 if req.logprobs is not None:
                     logprobs = completion_logprobs(ctx, prefix_ids + new_ids, prefix_entries + (new_entries or []),
-                                                   cursor.text_offset)
+                                                   cursor.text_offset, bool(req.return_tokens_as_token_ids))
                     cursor.text_offset += sum(len(t) for t in logprobs.tokens)
                 chunk_choices.append(CompletionResponseStreamChoice(
                     index=i * req.n + choice.index, text=new_text, logprobs=logprobs,

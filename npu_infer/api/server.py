@@ -38,10 +38,14 @@ logger = logging.getLogger("npu_infer.api.server")
 
 def build_app(engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics, api_keys: list[str] | None = None,
               log_requests: bool = True, log_stats_interval: float | None = 10.0, max_log_len: int | None = None,
-              prompt_tokens_details: bool = False, cors: dict | None = None, root_path: str = "") -> FastAPI:
+              prompt_tokens_details: bool = False, cors: dict | None = None, root_path: str = "",
+              enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None) -> FastAPI:
     """The FastAPI app around a started-or-not AsyncEngine; the app's lifespan starts and stops it. `cors` holds
     Starlette CORSMiddleware's arguments (default: every origin, method and header, as vLLM's defaults)."""
-    ctx = ServingContext(engine, model_names, log_requests, max_log_len, prompt_tokens_details)
+    if enable_auto_tool_choice and tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+    ctx = ServingContext(engine, model_names, log_requests, max_log_len, prompt_tokens_details,
+                         enable_auto_tool_choice, tool_call_parser, engine.engine.config.reasoning_parser)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -213,12 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     names = served_model_names(args, config)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        print("error: --enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)", file=sys.stderr)
+        engine.shutdown(timeout=5)
+        return 2
     app = build_app(engine, names, metrics, api_keys=api_keys(args), log_requests=log_requests(args),
                     log_stats_interval=None if args.disable_log_stats else args.log_stats_interval,
                     max_log_len=args.max_log_len, prompt_tokens_details=args.enable_prompt_tokens_details,
                     cors={"allow_origins": args.allowed_origins, "allow_methods": args.allowed_methods,
                           "allow_headers": args.allowed_headers, "allow_credentials": args.allow_credentials},
-                    root_path=args.root_path or "")
+                    root_path=args.root_path or "",
+                    enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)
     host = args.host if args.host is not None else "0.0.0.0"
     scheme = "https" if args.ssl_certfile else "http"
     url = f"{scheme}://{'localhost' if host in ('0.0.0.0', '::') else host}:{args.port}{args.root_path or ''}"

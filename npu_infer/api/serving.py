@@ -14,7 +14,7 @@ from fastapi import Request
 from npu_infer.api.async_engine import AsyncEngine, RequestAborted
 from npu_infer.api.errors import APIError, bad_request, error_body
 from npu_infer.api.protocol import (ChatCompletionLogProbs, ChatLogProb, ChatLogProbsContent, CompletionLogProbs,
-                                    UsageInfo)
+                                    UsageInfo, random_id)
 from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
 from npu_infer.sampling import SamplingParams
 
@@ -29,6 +29,9 @@ class ServingContext:
     log_requests: bool = True
     max_log_len: int | None = None        # most prompt characters / token ids a log line shows
     prompt_tokens_details: bool = False   # usage.prompt_tokens_details.cached_tokens (--enable-prompt-tokens-details)
+    enable_auto_tool_choice: bool = False   # --enable-auto-tool-choice
+    tool_call_parser: str | None = None     # --tool-call-parser
+    reasoning_parser: str | None = None     # --reasoning-parser
 
     @property
     def llm(self):
@@ -61,6 +64,18 @@ class ServingContext:
             raise APIError(404, f"the model {requested!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
         return requested
+
+    def request_id(self, req, raw: Request, prefix: str) -> str:
+        """The client's request_id (body, else the X-Request-Id header) under OpenAI's prefix, else a random one."""
+        given = req.request_id or raw.headers.get("x-request-id")
+        return f"{prefix}-{given}" if given else random_id(prefix)
+
+    def check_request(self, req) -> None:
+        """400 for any field this server would otherwise drop, and for a priority it cannot honour."""
+        req.refuse_unsupported()
+        if req.priority and self.llm.config.scheduling_policy != "priority":
+            raise bad_request(f"priority {req.priority} needs the server started with --scheduling-policy "
+                              "priority; leave it at 0", "priority")
 
     def send_token_ids(self, request) -> bool:
         """Token ids go out when asked for, and always without a tokenizer (there is no text then)."""
@@ -251,20 +266,22 @@ def _clamp(value: float) -> float:
     return max(value, _MIN_LOGPROB)
 
 
-def _token_text(ctx: ServingContext, token_id: int, lp: Logprob | None) -> str:
+def _token_text(ctx: ServingContext, token_id: int, lp: Logprob | None, as_ids: bool = False) -> str:
+    if as_ids:
+        return f"token_id:{token_id}"
     if lp is not None and lp.decoded_token is not None:
         return lp.decoded_token
     return ctx.decode([token_id]) if ctx.tokenizer is not None else f"token_id:{token_id}"
 
 
 def completion_logprobs(ctx: ServingContext, token_ids: list[int], entries: list[dict[int, Logprob] | None],
-                        initial_offset: int = 0) -> CompletionLogProbs:
+                        initial_offset: int = 0, as_ids: bool = False) -> CompletionLogProbs:
     """OpenAI's legacy shape: tokens, token_logprobs, top_logprobs (chosen + top-k), text_offset."""
     out = CompletionLogProbs()
     offset = initial_offset
     for token_id, entry in zip(token_ids, entries):
         chosen = entry.get(token_id) if entry else None
-        token = _token_text(ctx, token_id, chosen)
+        token = _token_text(ctx, token_id, chosen, as_ids)
         out.tokens.append(token)
         out.text_offset.append(offset)
         offset += len(token)
@@ -273,21 +290,21 @@ def completion_logprobs(ctx: ServingContext, token_ids: list[int], entries: list
             out.top_logprobs.append(None)
             continue
         out.token_logprobs.append(_clamp(chosen.logprob))
-        out.top_logprobs.append({_token_text(ctx, tid, lp): _clamp(lp.logprob) for tid, lp in entry.items()})
+        out.top_logprobs.append({_token_text(ctx, tid, lp, as_ids): _clamp(lp.logprob) for tid, lp in entry.items()})
     return out
 
 
 def chat_logprobs(ctx: ServingContext, token_ids: list[int], entries: list[dict[int, Logprob]],
-                  top_n: int) -> ChatCompletionLogProbs:
+                  top_n: int, as_ids: bool = False) -> ChatCompletionLogProbs:
     content = []
     for token_id, entry in zip(token_ids, entries):
         chosen = entry[token_id]
-        token = _token_text(ctx, token_id, chosen)
+        token = _token_text(ctx, token_id, chosen, as_ids)
         tops = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= top_n),
                       key=lambda item: item[1].rank)[:top_n]
         content.append(ChatLogProbsContent(
             token=token, logprob=_clamp(chosen.logprob), bytes=list(token.encode("utf-8")),
-            top_logprobs=[ChatLogProb(token=(t := _token_text(ctx, tid, lp)), logprob=_clamp(lp.logprob),
+            top_logprobs=[ChatLogProb(token=(t := _token_text(ctx, tid, lp, as_ids)), logprob=_clamp(lp.logprob),
                                       bytes=list(t.encode("utf-8"))) for tid, lp in tops]))
     return ChatCompletionLogProbs(content=content)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from npu_infer.config import EngineConfig
 from npu_infer.engine.block_manager import BlockManager
 from npu_infer.engine.detokenizer import IncrementalDetokenizer, find_stop
+from npu_infer.engine.logits_rules import RequestLogitsRules, gather_step_masks, make_rules
 from npu_infer.engine.request import Request, Status
 from npu_infer.engine.scheduler import Scheduler
 from npu_infer.loaders.hf_files import load_hf_config, load_tokenizer
@@ -78,7 +79,8 @@ class LLMEngine:
                     "(engine ready in %.1f s)", num_blocks, config.block_size, capacity, config.max_model_len,
                     capacity / config.max_model_len, time.monotonic() - start)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.scheduling_policy)
         self.parents: dict[str, ParentRequest] = {}
         self.requests: dict[str, Request] = {}
         self.parent_of: dict[str, str] = {}  # child request id -> user request id
@@ -86,6 +88,27 @@ class LLMEngine:
         self.finished_since_step: list[str] = []
         self.stats = EngineStats()
         self.vocab_size = hf_config.vocab_size
+        self.logits_rules: dict[str, RequestLogitsRules] = {}
+        self._structured = None  # StructuredOutputManager, made on the first constrained request
+
+    @property
+    def structured_outputs(self):
+        """The structured-output manager (backend per --structured-outputs-config, compiled-grammar cache)."""
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer; it is off (skip_tokenizer_init)")
+            from npu_infer.structured_output.manager import StructuredOutputManager
+            self._structured = StructuredOutputManager(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids),
+                                                       self.config.structured_outputs_backend)
+        return self._structured
+
+    @property
+    def reasoning_token_ids(self) -> tuple[int | None, int] | None:
+        """(start, end) token ids of the reasoning that structured output waits out (--reasoning-parser)."""
+        if self.config.reasoning_parser is None or self.tokenizer is None:
+            return None
+        from npu_infer.reasoning import reasoning_token_ids
+        return reasoning_token_ids(self.config.reasoning_parser, self.tokenizer)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def _eos_ids(self, hf_config) -> set[int]:
@@ -116,6 +139,8 @@ class LLMEngine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse what cannot run, before anything is allocated."""
         max_len = self.config.max_model_len
+        if params.truncate_prompt_tokens is not None:
+            prompt_ids = prompt_ids[-params.truncate_prompt_tokens:]
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
         if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in prompt_ids):
@@ -129,14 +154,31 @@ class LLMEngine:
                              f"{len(prompt_ids) + params.max_tokens}; lower max_tokens or shorten the prompt")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids with skip_tokenizer_init")
+        if params.structured_outputs is not None:
+            params.structured_outputs.disable_any_whitespace |= self.config.structured_outputs_disable_any_whitespace
+            self.structured_outputs.compile(params.structured_outputs)  # a bad schema is refused here, cached
+        make_rules(params, prompt_ids, self.vocab_size, self.eos_token_ids, self.tokenizer)
 
-    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams) -> None:
+    def _rules(self, params: SamplingParams, prompt_ids: list[int]) -> RequestLogitsRules | None:
+        matcher = None
+        if params.structured_outputs is not None:
+            matcher = self.structured_outputs.matcher(params.structured_outputs)
+        return make_rules(params, prompt_ids, self.vocab_size, self.eos_token_ids, self.tokenizer, matcher,
+                          self.reasoning_token_ids)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
+                    priority: int = 0) -> None:
+        """`priority`: lower runs first under --scheduling-policy priority (vLLM's meaning); else it must be 0."""
+        if priority and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority} needs --scheduling-policy priority; leave it at 0")
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, prompt_ids = self.tokenize_prompt(prompt)
+        if params.truncate_prompt_tokens is not None and len(prompt_ids) > params.truncate_prompt_tokens:
+            text, prompt_ids = None, prompt_ids[-params.truncate_prompt_tokens:]  # keep the end, as vLLM
         self.validate(prompt_ids, params)
-        children = [Request(request_id if params.n == 1 else f"{request_id}#{i}", prompt_ids, params, text, index=i)
-                    for i in range(params.n)]
+        children = [Request(request_id if params.n == 1 else f"{request_id}#{i}", prompt_ids, params, text, index=i,
+                            priority=priority) for i in range(params.n)]
         parent = ParentRequest(request_id, text, prompt_ids, params, children)
         if params.prompt_logprobs is not None:
             parent.prompt_logprobs = [None]
@@ -144,6 +186,9 @@ class LLMEngine:
         for child in children:
             self.requests[child.request_id] = child
             self.parent_of[child.request_id] = request_id
+            rules = self._rules(params, prompt_ids)
+            if rules is not None:
+                self.logits_rules[child.request_id] = rules
             if self.tokenizer is not None and params.detokenize:
                 self.detokenizers[child.request_id] = IncrementalDetokenizer(
                     self.tokenizer, prompt_ids, params.skip_special_tokens)
@@ -172,7 +217,13 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched:
             return []
-        step_input = StepInput([self._chunk(r, n) for r, n in sched.scheduled], self.finished_since_step)
+        chunks = [self._chunk(r, n) for r, n in sched.scheduled]
+        masks = None
+        if self.logits_rules:
+            masks = gather_step_masks([(c.request_id, self.logits_rules.get(c.request_id), r.output_token_ids)
+                                       for c, (r, _) in zip(chunks, sched.scheduled) if c.sample],
+                                      self.vocab_size, lambda m, b: self.structured_outputs.fill_bitmask(m, b))
+        step_input = StepInput(chunks, self.finished_since_step, masks)
         self.finished_since_step = []
         result = self.executor.execute(step_input)
         self.stats.num_steps += 1
@@ -217,6 +268,12 @@ class LLMEngine:
             for rank_i, (tid, val) in enumerate(zip(ids, vals), start=1):
                 entry.setdefault(tid, Logprob(val, rank_i, self._decode_one(tid)))
             request.logprobs.append(entry)
+        rules = self.logits_rules.get(request.request_id)
+        if rules is not None and not rules.accept(token):
+            # Only when a grammar and another rule disagree (e.g. min_tokens bans the EOS the grammar needs).
+            logger.warning("request %s: token %d breaks its structured output; stopping it", request.request_id,
+                           token)
+            return self._finish(request, "abort")
         num_out = request.num_tokens - request.num_prompt_tokens
         new_text = ""
         detok = self.detokenizers.get(request.request_id)
@@ -236,6 +293,8 @@ class LLMEngine:
                     request.text = request.text[:index + (len(stop) if p.include_stop_str_in_output else 0)]
                     request.stop_reason = stop
                     return self._finish(request, "stop")
+        if rules is not None and rules.grammar_finished():
+            return self._finish(request, "stop")
         if p.max_tokens is not None and num_out >= p.max_tokens:
             return self._finish(request, "length")
         if request.num_tokens >= self.config.max_model_len:
@@ -245,6 +304,7 @@ class LLMEngine:
         if request.status is Status.FINISHED:
             return
         self.scheduler.finish(request, reason)
+        self.logits_rules.pop(request.request_id, None)
         self.finished_since_step.append(request.request_id)
         self.stats.finished_requests += 1
 

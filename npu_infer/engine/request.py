@@ -37,6 +37,7 @@ class Request:
     text: str = ""
     first_token_time: float | None = None
     num_preemptions: int = 0
+    priority: int = 0                   # lower runs first under the priority scheduling policy
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

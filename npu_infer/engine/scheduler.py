@@ -23,8 +23,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs"):
         self.blocks = block_manager
+        self.policy = policy  # "priority": waiting requests by (priority, arrival); the lowest priority gives way
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -32,7 +34,22 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        if self.policy == "priority":
+            self._insert_by_priority(request)
+        else:
+            self.waiting.append(request)
+
+    def _insert_by_priority(self, request: Request) -> None:
+        key = (request.priority, request.arrival_time)
+        index = next((i for i, r in enumerate(self.waiting) if (r.priority, r.arrival_time) > key), len(self.waiting))
+        self.waiting.insert(index, request)
+
+    def _victim_index(self) -> int:
+        """The running request that gives way: the newest, or under the priority policy the least urgent."""
+        if self.policy == "priority":
+            return max(range(len(self.running)),
+                       key=lambda k: (self.running[k].priority, self.running[k].arrival_time))
+        return len(self.running) - 1
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -46,7 +63,10 @@ class Scheduler:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.blocks.allocate(request, num_new):
-                victim = self.running.pop()  # the newest running request gives way
+                index = self._victim_index()
+                victim = self.running.pop(index)
+                if index < i:  # keep pointing at `request`
+                    i -= 1
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
@@ -85,7 +105,10 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        if self.policy == "priority":
+            self._insert_by_priority(request)
+        else:
+            self.waiting.appendleft(request)
 
     def finish(self, request: Request, reason: str) -> None:
         """Take a request out wherever it is and give its blocks back."""

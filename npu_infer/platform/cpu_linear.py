@@ -49,11 +49,14 @@ class CpuPackedLinear:
         return self.kernels.StackLinear("", self.gemv, self.out_features, bias)
 
 
-# W8A8 above this many rows: oneDNN's int8 GEMM (torch._int_mm), same exact int32 sums. Measured on 2 cores,
-# benchmarks/int8_kernels.py: see README's Performance section.
-W8A8_KERNEL_MAX_ROWS = 256
-# W8A16 above this many rows: the weight made bf16 for the call, then oneDNN's bf16 GEMM.
-W8A16_KERNEL_MAX_ROWS = 256
+# Above these many rows the library takes over: W8A8 per-token quantization + torch._int_mm (oneDNN's int8 GEMM, the
+# same exact int32 sums) with the scales applied by torch ops; W8A16 the weight made bf16 for the call + oneDNN.
+# Measured on 2 shared cores (benchmarks/int8_kernels.py, a SmolLM2 layer's 4 linears, three runs): at 1024 rows
+# our W8A8 kernel took 30-105 ms against _int_mm's 87-304 (its unfused epilogue makes several passes over the
+# [M, N] result) and W8A16's 56-127 against 51-144; at 256 rows the runs disagreed. So the kernels keep every
+# chunk up to the default 2048-token prefill step.
+W8A8_KERNEL_MAX_ROWS = 2048
+W8A16_KERNEL_MAX_ROWS = 2048
 
 
 class CpuInt8Linear:

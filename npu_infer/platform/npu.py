@@ -107,7 +107,8 @@ class NpuPlatform(Platform):
         torch.npu.reset_peak_memory_stats()
 
     def default_dtype(self) -> torch.dtype:
-        return torch.bfloat16
+        # Atlas 300I (310P) chips have no bf16 kernels; vllm-ascend serves float16 there too.
+        return torch.float16 if "310P" in torch.npu.get_device_name(0) else torch.bfloat16
 
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         # npu_fused_infer_attention_score takes no float32 query (float16, bfloat16, int8 only).

@@ -9,7 +9,8 @@ One step of a mixed batch (decodes first, then prefills):
    mode, ``sparse_mode=3`` (rightDownCausal: query row i of a sequence with q new tokens and s context tokens
    sees keys 0 .. s-q+i) with the compressed 2048x2048 causal mask, query in TND layout with cumulative
    ``actual_seq_lengths`` and per-sequence ``actual_seq_lengths_kv`` (``prefill_layout="BSH"`` pads the
-   queries to [B, max_q, H] instead, with per-sequence lengths).
+   queries to [B, max_q, H] instead, with per-sequence lengths).  TND is used where the kernel takes the
+   head_dim (64, 128), BSH otherwise; ``NPU_INFER_NPU_ATTN_LAYOUT=TND|BSH`` forces either.
 
 GQA goes through the kernels' own ``num_kv_heads`` / ``num_key_value_heads``; K/V are never repeated.
 
@@ -28,6 +29,8 @@ Signatures and constraints: torch_npu 2.14.0, recorded in tests/npu_standin/decl
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,8 +39,22 @@ import torch
 if TYPE_CHECKING:
     from npu_infer.worker.context import AttentionMetadata
 
+logger = logging.getLogger(__name__)
 BLOCK_SIZE = 128
 MASK_SIZE = 2048  # sparse_mode 2/3/4 take this fixed-size compressed causal mask
+# Forces the paged prefill's query layout: TND or BSH.  Some CANN versions reject TND with a block table
+# (error 561002); BSH pads the queries and works on all of them.
+LAYOUT_ENV = "NPU_INFER_NPU_ATTN_LAYOUT"
+# Head dims npu_fused_infer_attention_score takes in TND layout with a block table (192 only on newer CANN).
+TND_HEAD_DIMS = (64, 128)
+
+
+def choose_prefill_layout(head_dim: int) -> str:
+    """TND where the kernel takes this head_dim with a block table, BSH otherwise; $NPU_INFER_NPU_ATTN_LAYOUT wins."""
+    forced = os.environ.get(LAYOUT_ENV, "").strip().upper()
+    if forced and forced not in ("TND", "BSH"):
+        raise ValueError(f"{LAYOUT_ENV}={os.environ[LAYOUT_ENV]!r} is not a layout; use TND or BSH, or unset it")
+    return forced or ("TND" if head_dim in TND_HEAD_DIMS else "BSH")
 
 # Shared by every layer's backend instance (the model has one per attention layer): one 4 MiB mask per
 # device, and the host-derived inputs of the current step.
@@ -59,9 +76,10 @@ class _StepTensors:
 
 
 class NpuAttentionBackend:
-    def __init__(self, prefill_layout: str = "TND"):
+    def __init__(self, prefill_layout: str | None = None):
+        """``prefill_layout``: TND or BSH; None chooses at the first step from the head_dim (choose_prefill_layout)."""
         from npu_infer.platform.npu import import_torch_npu
-        if prefill_layout not in ("TND", "BSH"):
+        if prefill_layout not in ("TND", "BSH", None):
             raise ValueError(f"prefill_layout must be TND or BSH, got {prefill_layout!r}")
         self._npu = import_torch_npu()
         self.prefill_layout = prefill_layout
@@ -122,8 +140,13 @@ class NpuAttentionBackend:
         values = value_cache.view(num_blocks, block_size, num_kv_heads * head_dim)
         if self.prefill_layout == "TND":
             query = q.reshape(-1, num_heads, head_dim).contiguous()
-            out, _ = self._npu.npu_fused_infer_attention_score(
-                query, keys, values, actual_seq_lengths=step.prefill_cum_q, input_layout="TND", **common)
+            try:
+                out, _ = self._npu.npu_fused_infer_attention_score(
+                    query, keys, values, actual_seq_lengths=step.prefill_cum_q, input_layout="TND", **common)
+            except RuntimeError as exc:  # same type, so callers that tell kernel rejections apart still can
+                raise type(exc)(f"paged prefill attention in TND layout failed (head_dim {head_dim}): {exc}; "
+                                   f"if this CANN rejects TND with a block table (e.g. error 561002), set "
+                                   f"{LAYOUT_ENV}=BSH") from exc
             return out.view(-1, hidden)
         batch, max_q = len(step.prefill_q_lens), max(step.prefill_q_lens)
         query = _pad_rows(q, step.pad_index, batch * max_q).view(batch, max_q, hidden)
@@ -158,6 +181,10 @@ class NpuAttentionBackend:
         if head_dim % 16 or BLOCK_SIZE * head_dim > 128 * 128:
             raise ValueError(f"head_dim {head_dim} is not supported on NPU: the attention kernels need a multiple "
                              f"of 16 and at most {128 * 128 // BLOCK_SIZE}")
+        if self.prefill_layout is None:
+            self.prefill_layout = choose_prefill_layout(head_dim)
+            logger.info("NPU paged prefill layout %s for head_dim %d (%s forces TND or BSH)", self.prefill_layout,
+                        head_dim, LAYOUT_ENV)
         self._checked.add(key)
 
     @staticmethod

@@ -220,9 +220,8 @@ def _worker_process(config: EngineConfig, device_type: str, rank: int, local_ran
         channel = _Channel(config, rank, conn)
         worker.load_model()
         # Every rank profiles its own share; all ranks use the smallest block count.
-        blocks = torch.tensor([worker.determine_num_blocks()], dtype=torch.int64, device=worker.device)
-        dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
-        channel.reply({"num_blocks": int(blocks.item()), "memory": dict(worker.memory)})
+        blocks = worker.min_across_ranks(worker.determine_num_blocks())
+        channel.reply({"num_blocks": blocks, "memory": dict(worker.memory)})
         while True:
             method, arg = channel.recv()
             if method == "execute":

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from npu_infer.sampling import SamplingParams
 
 
@@ -21,9 +23,22 @@ class SeqChunk:
 
 
 @dataclass
+class LogitsMasks:
+    """This step's logits edits for the sampled rows (engine/logits_rules.py builds them): a packed bitmask
+    (bit t % 32 of word t // 32 set = token t allowed) per row of `mask_ids`, and sparse biases added to the
+    logits (-inf bans a token)."""
+    mask_ids: list[str]
+    bitmask: np.ndarray | None          # int32 [len(mask_ids), ceil(vocab / 32)]
+    bias_ids: list[str]                 # the request of each bias entry
+    bias_tokens: np.ndarray             # int64
+    bias_values: np.ndarray             # float32
+
+
+@dataclass
 class StepInput:
     chunks: list[SeqChunk]
     finished_ids: list[str] = field(default_factory=list)  # drop their sampling state
+    logits_masks: LogitsMasks | None = None
 
 
 @dataclass

@@ -37,6 +37,7 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.memory: dict[str, int] = {}
+        self.cpu_group = None  # gloo group of every rank, for scalar agreements (min_across_ranks)
 
     def init_device(self) -> None:
         set_current_platform(self.platform)
@@ -45,9 +46,25 @@ class Worker:
             dist.init_process_group(self.platform.dist_backend, init_method=self.init_method,
                                     world_size=self.config.world_size, rank=self.rank)
         init_model_parallel(self.config.tensor_parallel_size, self.config.pipeline_parallel_size, self.rank)
+        if self.config.world_size > 1:
+            self.cpu_group = dist.new_group(backend="gloo")
+            self._warm_up_device_groups()
         torch.manual_seed(self.config.seed)
         # The seed's total_npu_memory / init_npu_memory: read before anything of ours is on the device.
         self.memory["init_free"], self.memory["total"] = self.platform.mem_get_info()
+
+    def _warm_up_device_groups(self) -> None:
+        """Create the device communicators now: HCCL/NCCL make them on first use, and each takes device memory
+        (HCCL: 2 x HCCL_BUFFSIZE, 400 MiB by default) that must be gone from the free memory before it is read."""
+        one = torch.zeros(1, device=self.device)
+        get_tp_group().all_reduce(one)
+        pp = get_pp_group()
+        if pp.world_size > 1:  # p2p pairs get their own communicators: one round along the pipeline
+            if not pp.is_first_rank:
+                pp.recv((1,), one.dtype, pp.prev_rank, self.device)
+            if not pp.is_last_rank:
+                pp.send(one, pp.next_rank)
+        self.platform.synchronize()
 
     def load_model(self) -> None:
         hf = self.config.hf_config
@@ -77,25 +94,38 @@ class Worker:
         # No dummy sequence may be longer than a real one can be.
         lengths = [min(num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0), cfg.max_model_len)
                    for i in range(num_seqs)]
-        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
-        chunks = [SeqChunk(f"profile-{i}", [0] * n, 0, [0] * -(-n // cfg.block_size), True, params)
+        # Every sampling feature that allocates per step: penalties ([rows, vocab] masks), top-k/p, min-p, seeded
+        # draws, top-20 logprobs, and prompt logprobs over every prompt position (in ModelRunner's slices).
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1,
+                                presence_penalty=0.5, frequency_penalty=0.5, seed=0, logprobs=20,
+                                prompt_logprobs=20, max_tokens=1)
+        chunks = [SeqChunk(f"profile-{i}", [0] * n, 0, [0] * -(-n // cfg.block_size), True, params,
+                           prompt_ids=[0] * (n + 1), output_ids=[0], num_prompt_tokens=n + 1)
                   for i, n in enumerate(lengths)]
         self.runner.execute(StepInput(chunks))
+        for c in chunks:  # the dummy requests' seeded generators
+            self.runner.generators.pop(c.request_id, None)
         self.platform.synchronize()
 
     def determine_num_blocks(self) -> int:
-        """KV blocks this rank can hold: total * utilization - peak, or exactly --kv-cache-memory."""
+        """KV blocks this rank can hold: total * utilization - peak, or exactly --kv-cache-memory.
+
+        The device's free memory counts what the caching allocator holds (reserved), not only what tensors use
+        (allocated): it is read after empty_cache(), when reserved is back to what lives on, so the profile run's
+        activations are counted once, as the allocator's peak above what lives on."""
         cfg, mem, platform = self.config, self.memory, self.platform
         platform.empty_cache()
         platform.reset_peak_memory()
         in_use_before = platform.memory_in_use()
         self.profile_run()
         peak_in_use, in_use_now = platform.peak_memory(), platform.memory_in_use()
-        free_now, _ = platform.mem_get_info()
-        lowest_free = free_now - max(peak_in_use - in_use_now, 0)
-        mem["peak"] = max(mem["init_free"] - lowest_free, mem["weights"])
-        mem["activation_peak"] = max(peak_in_use - in_use_before, 0)
         platform.empty_cache()
+        free_now, _ = platform.mem_get_info()
+        mem["in_use"] = in_use_now                              # tensors that stay: weights, caches of constants
+        mem["used"] = max(mem["init_free"] - free_now, 0)      # all ours now, the runtime's own share included
+        mem["non_torch"] = max(mem["used"] - in_use_now, 0)    # runtime workspaces, communicators, allocator slack
+        mem["activation_peak"] = max(peak_in_use - in_use_before, 0)
+        mem["peak"] = max(mem["used"] + max(peak_in_use - in_use_now, 0), mem["weights"])
         budget = int(mem["total"] * cfg.gpu_memory_utilization)
         if cfg.kv_cache_memory is not None:
             kv_bytes = cfg.kv_cache_memory
@@ -117,12 +147,22 @@ class Worker:
         if cfg.num_gpu_blocks_override is not None:
             num_blocks = cfg.num_gpu_blocks_override
         mem["num_blocks"] = num_blocks
-        logger.info("rank %d KV budget: total %s, free at start %s, budget %s (x%.2f), weights %s, "
-                    "activation peak %s, peak %s -> KV cache %s = %d blocks of %d tokens",
+        logger.info("rank %d KV budget: total %s, free at start %s, budget %s (x%.2f); after profiling, ours %s "
+                    "(tensors %s incl. weights %s, outside the allocator %s); activation peak %s; "
+                    "peak = ours + activations above what stays = %s -> KV cache %s = %d blocks of %d tokens",
                     self.rank, _gib(mem["total"]), _gib(mem["init_free"]), _gib(budget), cfg.gpu_memory_utilization,
-                    _gib(mem["weights"]), _gib(mem["activation_peak"]), _gib(mem["peak"]), _gib(kv_bytes),
-                    num_blocks, cfg.block_size)
+                    _gib(mem["used"]), _gib(in_use_now), _gib(mem["weights"]), _gib(mem["non_torch"]),
+                    _gib(mem["activation_peak"]), _gib(mem["peak"]), _gib(kv_bytes), num_blocks, cfg.block_size)
         return num_blocks
+
+    def min_across_ranks(self, value: int) -> int:
+        """The smallest of every rank's ``value``, over the host (gloo) group: a scalar needs no device
+        communicator, and a device group created here would take memory the KV budget did not count."""
+        if self.cpu_group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())
 
     def block_bytes(self) -> int:
         """Bytes of one KV block on this rank: K and V, every local layer."""

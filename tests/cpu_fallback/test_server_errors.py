@@ -130,7 +130,8 @@ def test_too_long_is_400_with_both_numbers(server):
     ({"prompt": "hi", "stop": [""]}, ["stop"]),
     ({"prompt": "hi", "min_tokens": 20, "max_tokens": 5}, ["min_tokens"]),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, ["stream"]),
-    ({"prompt": "hi", "logit_bias": {"1": 5}}, ["logit_bias"]),
+    ({"prompt": "hi", "logit_bias": {"1": 500}}, ["logit_bias"]),
+    ({"prompt": "hi", "logit_bias": {"x": 5}}, ["logit_bias"]),
     ({"prompt": "hi", "suffix": "x"}, ["suffix"]),
 ])
 def test_invalid_completion_values_are_400(server, body, words):

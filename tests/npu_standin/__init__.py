@@ -90,7 +90,7 @@ import types
 
 import torch
 
-from . import _namespace, _ops
+from . import _namespace, _ops, _strict
 from ._namespace import calls, set_device_count, set_memory
 from ._ops import CONSTRAINTS_RELIED_ON, EVIDENCE_RELIED_ON, NpuOpRejected
 
@@ -100,10 +100,11 @@ _saved: dict = {}
 
 
 def standin_device(index: int = 0) -> torch.device:
-    """Device seam: the device object npu_infer uses for NPU ``index`` (always CPU here)."""
+    """Device seam: the device object npu_infer uses for NPU ``index``: ``npu:index`` with the strict device on
+    (install(strict=True)), else CPU."""
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(f"invalid device index {index!r}")
-    return torch.device("cpu")
+    return torch.device("npu", index) if _strict.ACTIVE is not None else torch.device("cpu")
 
 
 def _make_module() -> types.ModuleType:
@@ -140,8 +141,9 @@ def configure(*, tnd_paged: bool | None = None) -> None:
         _ops.OPTIONS["tnd_paged"] = bool(tnd_paged)
 
 
-def install() -> types.ModuleType:
-    """Register the stand-in as ``torch_npu`` and ``torch.npu``; returns the module."""
+def install(strict: bool = False) -> types.ModuleType:
+    """Register the stand-in as ``torch_npu`` and ``torch.npu``; returns the module.  ``strict``: NPU tensors are
+    device-strict (_strict.py) and memory is measured; ``strict_device()`` is then the StrictDevice."""
     global torch_npu
     if installed():
         return torch_npu
@@ -155,13 +157,22 @@ def install() -> types.ModuleType:
     sys.modules["torch_npu"] = torch_npu
     sys.modules["torch_npu.npu"] = torch_npu.npu
     torch.npu = torch_npu.npu
+    if strict:
+        _strict.StrictDevice("npu").enter()
     return torch_npu
+
+
+def strict_device():
+    """The strict device of the current install(strict=True), or None."""
+    return _strict.ACTIVE
 
 
 def uninstall() -> None:
     """Undo :func:`install` (restores previous modules and ``torch.npu``)."""
     if not installed():
         return
+    if _strict.ACTIVE is not None:
+        _strict.ACTIVE.exit()
     for key in ("torch_npu", "torch_npu.npu"):
         prev = _saved.get(key, _MISSING)
         if prev is _MISSING:
@@ -191,6 +202,7 @@ __all__ = [
     "runtime_options",
     "set_device_count",
     "set_memory",
+    "strict_device",
     "torch_npu",
     "uninstall",
 ]

@@ -19,6 +19,8 @@ import types
 
 import torch
 
+from . import _strict
+
 GiB = 1 << 30
 
 _DEFAULTS = {
@@ -48,7 +50,16 @@ def _count(name: str) -> None:
 
 def set_memory(*, free: int | None = None, total: int | None = None, peak: int | None = None,
                allocated: int | None = None) -> None:
-    """Set what mem_get_info / max_memory_allocated / memory_allocated report (bytes)."""
+    """Set what mem_get_info / max_memory_allocated / memory_allocated report (bytes).  With the strict device on,
+    allocations are measured: only total and free (what others hold outside the allocator) can be set."""
+    memory = _measured()
+    if memory is not None:
+        if peak is not None or allocated is not None:
+            raise ValueError("the strict stand-in measures allocated and peak memory; set only free and total")
+        memory.total = memory.total if total is None else total
+        if free is not None:
+            memory.other = memory.total - free - memory.reserved
+        return
     for key, val in (("free", free), ("total", total), ("peak", peak), ("allocated", allocated)):
         if val is not None:
             if not isinstance(val, int) or val < 0:
@@ -80,11 +91,11 @@ def _index(device) -> int | None:
             raise RuntimeError(f"Expected an npu device, got {device!r}")
         idx = int(num) if num else None
     elif isinstance(device, torch.device):
-        # The stand-in's device seam hands out CPU devices, so a cpu device means
-        # "the stand-in device" and carries no index of its own.
-        if device.type != "cpu":
-            raise RuntimeError(f"Expected an npu device (the stand-in uses cpu), got {device}")
-        idx = None
+        # The stand-in's device seam hands out CPU devices unless the strict device is on, so a cpu device
+        # means "the stand-in device" and carries no index of its own.
+        if device.type not in ("cpu", "npu"):
+            raise RuntimeError(f"Expected an npu device, got {device}")
+        idx = device.index if device.type == "npu" else None
     else:
         raise TypeError(f"invalid device {device!r}")
     if idx is not None and not 0 <= idx < state["device_count"]:
@@ -116,28 +127,37 @@ def synchronize(device=None) -> None:
     _count("synchronize")
 
 
+def _measured():
+    """The strict device's memory model (_strict.Memory), when one is on: then the numbers are measured."""
+    return _strict.ACTIVE.memory if _strict.ACTIVE is not None else None
+
+
 def empty_cache() -> None:
     _count("empty_cache")
+    if _measured():
+        _measured().empty_cache()
 
 
 def mem_get_info(device=None) -> tuple[int, int]:
     _index(device)
-    return state["free"], state["total"]
+    return _measured().mem_get_info() if _measured() else (state["free"], state["total"])
 
 
 def max_memory_allocated(device=None) -> int:
     _index(device)
-    return state["peak"]
+    return _measured().peak if _measured() else state["peak"]
 
 
 def memory_allocated(device=None) -> int:
     _index(device)
-    return state["allocated"]
+    return _measured().allocated if _measured() else state["allocated"]
 
 
 def reset_peak_memory_stats(device=None) -> None:
     _index(device)
     _count("reset_peak_memory_stats")
+    if _measured():
+        _measured().reset_peak()
     state["peak"] = state["allocated"]
 
 
@@ -188,6 +208,10 @@ def make_module() -> types.ModuleType:
     for fn in FUNCTIONS:
         setattr(mod, fn.__name__, fn)
     mod.config = _NpuConfig()
+    # What torch.manual_seed looks for on the "npu" backend module once privateuse1 is named "npu" (strict
+    # device): without them it warns on every seed.  Seeding changes nothing here (device draws use the host's).
+    mod.manual_seed_all = lambda seed: None
+    mod._is_in_bad_fork = lambda: False
     return mod
 
 

@@ -23,10 +23,14 @@ rows, a second rotary cos/sin cache); those raise too and say so
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import weakref
 
 import torch
+
+from . import _strict
 
 VERSION = "2.14.0"
 
@@ -615,5 +619,44 @@ def _paged_kv(op, layout, key, value, bt, B, kvh, D, block_size, qs_gt1, kv_lens
                                 "caller bug the kernel does not check ('pa_kv_dtypes': ids are not validated)")
     return kv_lens, kc, vc, bsz
 
-ALL_OPS = {f.__name__: f for f in (npu_rms_norm, npu_add_rms_norm, npu_swiglu, npu_fused_infer_attention_score,
-                                   _npu_reshape_and_cache, _npu_paged_attention, _npu_rotary_embedding)}
+# Arguments each op reads on the host; every other tensor argument must be on the device (strict stand-in).
+HOST_ARGS: dict[str, tuple[str, ...]] = {"_npu_paged_attention": ("context_lens",)}
+
+
+def device_op(fn, host_args: tuple[str, ...] = ()):
+    """``fn`` as the device op it stands in for: under a strict stand-in device (_strict.py) its tensor arguments
+    must be device tensors (those named in ``host_args``: host tensors), it computes with the mode off, and its
+    new outputs are device tensors.  Without one, ``fn`` runs as is.  Ops added later wrap themselves the same way."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        strict = _strict.ACTIVE
+        if strict is None:
+            return fn(*args, **kwargs)
+        device = None
+        for name, value in signature.bind(*args, **kwargs).arguments.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            where = _strict.device_of(value)
+            if name in host_args:
+                if where is not None:
+                    raise NpuOpRejected(f"{fn.__name__}: {name} must be a host tensor (the kernel reads it on the "
+                                        f"host), got one on {where}")
+            elif where is None:
+                raise RuntimeError(f"{fn.__name__}: argument '{name}' is a host tensor; expected a tensor on "
+                                   f"{strict.device_type} (strict stand-in)")
+            else:
+                device = where
+        with torch._C.DisableTorchFunction():
+            out = fn(*args, **kwargs)
+        for t in (out if isinstance(out, tuple) else (out,)):
+            if isinstance(t, torch.Tensor) and device is not None and _strict.device_of(t) is None:
+                strict.tag(t, device)
+        return out
+    return op
+
+
+ALL_OPS = {f.__name__: device_op(f, HOST_ARGS.get(f.__name__, ()))
+           for f in (npu_rms_norm, npu_add_rms_norm, npu_swiglu, npu_fused_infer_attention_score,
+                     _npu_reshape_and_cache, _npu_paged_attention, _npu_rotary_embedding)}

@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 TAG = "_standin_device"
+ACTIVE: StrictDevice | None = None  # the strict device entered in this process, if any
 PINNED = "_standin_pinned"
 BLOCK = 2 << 20  # the caching allocator's rounding
 
@@ -120,6 +121,8 @@ class StrictDevice:
     # ------------------------------------------------------------------ threads
     def enter(self) -> None:
         """Enter the mode in this thread and in every thread started from now on."""
+        global ACTIVE
+        ACTIVE = self
         self._enter_thread()
         if self._thread_run is None:
             run, strict = threading.Thread.run, self
@@ -137,6 +140,9 @@ class StrictDevice:
             torch.Generator = _generator_class(self)
 
     def exit(self) -> None:
+        global ACTIVE
+        if ACTIVE is self:
+            ACTIVE = None
         for ident in list(self._modes):
             if ident == threading.get_ident():
                 self._exit_thread()

@@ -59,7 +59,8 @@ def test_kv_budget_follows_the_seed_formula_with_the_npu_numbers(tiny_qwen2_dir,
 
     line, = [r.getMessage() for r in caplog.records if "KV budget" in r.getMessage()]
     for text in ("total 8.00 GiB", "free at start 6.00 GiB", "budget 4.00 GiB (x0.50)", "activation peak 0.50 GiB",
-                 "peak 4.00 GiB", f"= {expected_blocks} blocks of 128 tokens"):
+                 "ours 3.50 GiB (tensors 3.00 GiB", "outside the allocator 0.50 GiB",
+                 "peak = ours + activations above what stays = 4.00 GiB", f"= {expected_blocks} blocks of 128 tokens"):
         assert text in line, (text, line)
     # and the cache is usable: a request runs
     out = llm.generate([{"prompt_token_ids": list(range(3, 40))}], SamplingParams(temperature=0, max_tokens=4))
@@ -79,3 +80,38 @@ def test_too_little_kv_for_one_sequence_says_what_to_lower(tiny_qwen2_dir, stand
     with pytest.raises(ValueError, match="lower --max-model-len or give the cache more memory"):
         LLM(str(tiny_qwen2_dir), device="npu", gpu_memory_utilization=0.5, max_num_batched_tokens=256,
             max_num_seqs=4, skip_tokenizer_init=True)
+
+
+def test_kv_budget_counts_the_profile_run_once_on_measured_memory(tiny_qwen2_dir, monkeypatch, caplog):
+    """On the strict stand-in the memory is measured as a caching allocator keeps it: after the profile run the
+    allocator still reserves its activations, so free memory read then would count them a second time on top
+    of the allocator's peak.  The budget reads free memory after empty_cache(): the activations count once."""
+    from npu_infer.worker.worker import Worker
+
+    from . import strict_device
+    install(strict=True)
+    try:
+        memory = strict_device().memory
+        set_memory(total=8 * GiB, free=6 * GiB)  # another process holds 2 GiB
+        seen = {}
+        profile_run = Worker.profile_run
+
+        def recording_profile_run(self):
+            profile_run(self)
+            seen.update(reserved=memory.reserved, allocated=memory.allocated, peak=memory.peak)
+        monkeypatch.setattr(Worker, "profile_run", recording_profile_run)
+        caplog.set_level(logging.INFO, logger="npu_infer.worker.worker")
+        llm = LLM(str(tiny_qwen2_dir), device="npu", gpu_memory_utilization=0.5, max_num_batched_tokens=2048,
+                  max_num_seqs=4, skip_tokenizer_init=True)
+        mem = llm.engine.memory
+    finally:
+        uninstall()
+    activations = seen["peak"] - seen["allocated"]
+    assert activations > MiB  # the profile run's logits and attention buffers
+    assert seen["reserved"] - seen["allocated"] >= activations - 2 * MiB  # still reserved when it returned
+    stays = -(-seen["allocated"] // (2 * MiB)) * (2 * MiB)  # what stays reserved after empty_cache()
+    assert mem["used"] == stays and mem["in_use"] == seen["allocated"]
+    assert mem["peak"] == stays + activations  # counted once; the reading before empty_cache() counted it twice
+    assert mem["kv_bytes"] == 4 * GiB - mem["peak"]
+    line, = [r.getMessage() for r in caplog.records if "KV budget" in r.getMessage()]
+    assert "outside the allocator" in line and "activation peak" in line

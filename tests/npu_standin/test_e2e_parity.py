@@ -75,7 +75,7 @@ def check_parity(model: str, batches, cached, monkeypatch, min_agreement: float,
     # The CPU run goes first, without the stand-in: as on a machine without torch_npu.  (With the stand-in
     # installed, libraries that probe for torch_npu, e.g. transformers' modeling imports, would find it.)
     cpu_out, _ = run(model, "cpu", batches, params, **kwargs)
-    npu = install()
+    npu = install(strict=True)  # device-strict: a host tensor mixed into the step fails the run
     try:
         spy = install_spy(npu, monkeypatch)
         npu_out, config = run(model, "npu", batches, params, **kwargs)

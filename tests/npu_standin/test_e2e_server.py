@@ -2,11 +2,10 @@
 
 The server runs as a subprocess (`python -m npu_infer.api.server`, the seed's flags).  A real NPU machine has
 torch_npu installed; here the stand-in takes its place through a `sitecustomize.py` shim put first on the
-subprocess's PYTHONPATH (written by this test, never part of the package): Python imports it at start-up, it
-installs the stand-in as `torch_npu` / `torch.npu`, sets the device memory the stand-in reports, counts the
-kernel calls and writes the counts to a file when the server exits.  Before installing it, the shim lets
-transformers probe for torch_npu and find none (the probe is cached), so transformers does not load its own
-NPU kernels, which the stand-in does not emulate; npu_infer is the only user of the stand-in.
+subprocess's PYTHONPATH (written by this test, never part of the package; _shim.py): Python imports it at
+start-up, it installs the device-strict stand-in as `torch_npu` / `torch.npu` (a host tensor mixed into device
+work fails the server), sets the device memory the stand-in reports, counts the kernel calls and writes the
+counts, and the unpinned non_blocking copies it saw, to a file when the server exits.
 
 References: the prompt's token count from the tokenizer itself, and for a greedy request the offline engine
 (`LLM(device="npu")` in this process, a second code path over the same stand-in kernels)."""
@@ -26,41 +25,13 @@ from api.server_process import REPO, ServerProcess, long_context_copy
 from npu_infer import LLM, SamplingParams
 
 from . import install, uninstall
+from ._shim import write_sitecustomize
 
 GiB = 1 << 30
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ("npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_fused_infer_attention_score",
            "_npu_reshape_and_cache", "_npu_paged_attention", "_npu_rotary_embedding")
 SEED_PROMPT = "给我讲个英雄联盟的背景故事："
-
-SHIM = r'''
-"""Test shim (tests/npu_standin/test_e2e_server.py): run this process on the torch_npu stand-in."""
-import atexit, json, os, sys
-
-from transformers.utils import import_utils
-
-import_utils.is_torch_npu_available()  # cached False: transformers keeps away from the stand-in
-import_utils.is_torch_npu_available(check_device=True)
-sys.path.insert(0, os.environ["NPU_STANDIN_TESTS_DIR"])
-import npu_standin  # noqa: E402
-
-module = npu_standin.install()
-free, total = map(int, os.environ["NPU_STANDIN_MEMORY"].split(","))
-npu_standin.set_memory(free=free, total=total)
-counts = {}
-
-
-def counted(name, fn):
-    def call(*args, **kwargs):
-        counts[name] = counts.get(name, 0) + 1
-        return fn(*args, **kwargs)
-    return call
-
-
-for name in json.loads(os.environ["NPU_STANDIN_KERNELS"]):
-    setattr(module, name, counted(name, getattr(module, name)))
-atexit.register(lambda: open(os.environ["NPU_STANDIN_CALLS_FILE"], "w").write(json.dumps(counts)))
-'''
 
 SERVER_FLAGS = ["--device", "npu", "-tp", "1", "--disable-log-stats", "--disable-log-requests",
                 "--enable-prefix-caching", "--max-model-len", "2048", "--kv-cache-memory", "64MiB",
@@ -78,9 +49,7 @@ def model_dir(tiny_chat_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("npu-server")
-    (tmp / "shim").mkdir()
-    (tmp / "shim" / "sitecustomize.py").write_text(SHIM)
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp / "shim"), os.environ.get("PYTHONPATH")])),
+    env = {"PYTHONPATH": write_sitecustomize(tmp / "shim"),
            "NPU_STANDIN_TESTS_DIR": TESTS_DIR, "NPU_STANDIN_MEMORY": f"{12 * GiB},{16 * GiB}",
            "NPU_STANDIN_KERNELS": json.dumps(KERNELS), "NPU_STANDIN_CALLS_FILE": str(tmp / "calls.json"),
            # as many threads as the in-process reference: a GEMM's reduction order may depend on it
@@ -113,7 +82,7 @@ def test_greedy_completion_matches_the_offline_engine_on_npu(server, model_dir):
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
 
-    install()  # the reference runs here, in-process, on the same stand-in kernels and thread count
+    install(strict=True)  # the reference runs here, in-process, on the same stand-in kernels and thread count
     try:
         llm = LLM(str(model_dir), device="npu", **LLM_FLAGS)
         (ref,) = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=12, logprobs=1))
@@ -136,6 +105,7 @@ def test_server_ran_on_the_standin_kernels_and_sized_kv_from_its_memory(server):
         assert text in budget_line, (text, budget_line)
     calls = json.loads(server.calls_file.read_text())
     assert all(calls.get(k) for k in KERNELS), calls
+    assert calls["unpinned_copies"] == 0
 
 
 def test_server_without_torch_npu_says_what_to_install(model_dir):

@@ -87,3 +87,23 @@ def test_torch_npu_that_fails_to_import_is_reported(no_cann, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", broken)
     module, text = env_report.torch_npu_status()
     assert module is None and "fails to import (OSError: libascendcl.so" in text
+
+
+def test_nnal_atb_and_driver_are_reported(no_cann, monkeypatch, tmp_path):
+    monkeypatch.setattr(env_report, "DEFAULT_NNAL_ROOT", str(tmp_path / "nnal" / "atb"))
+    monkeypatch.setattr(env_report, "DEFAULT_DRIVER_ROOT", str(tmp_path / "driver"))
+    monkeypatch.delenv("ATB_HOME_PATH", raising=False)
+    info = env_report.collect()
+    assert info["NNAL/ATB"] == "not found" and info["Ascend driver"] == "not found"
+    assert info["libatb.so"].startswith("not found; install NNAL and `source ") and "nnal/atb/set_env.sh" in info["libatb.so"]
+
+    home = tmp_path / "nnal" / "atb" / "latest" / "atb" / "cxx_abi_1"
+    (home / "lib").mkdir(parents=True)
+    (home / "lib" / "libatb.so").write_bytes(b"not a shared library")
+    (tmp_path / "nnal" / "atb" / "latest" / "version.info").write_text("version=8.1.RC1\n")
+    (tmp_path / "driver").mkdir()
+    (tmp_path / "driver" / "version.info").write_text("Version=24.1.rc3\n")
+    monkeypatch.setenv("ATB_HOME_PATH", str(home))
+    info = env_report.collect()
+    assert info["NNAL/ATB"].startswith("8.1.RC1 (") and info["Ascend driver"] == "24.1.rc3"
+    assert info["libatb.so"].startswith(f"{home / 'lib' / 'libatb.so'} fails to load (")
