@@ -46,7 +46,7 @@ def test_pydantic_schema_parses_on_every_sampled_answer(client):
     def one(seed):
         return client.chat.completions.parse(
             model="", messages=[{"role": "user", "content": "Invent a person. Answer in JSON."}],
-            response_format=Person, temperature=0.8, max_tokens=120, seed=seed)
+            response_format=Person, temperature=0.8, max_tokens=300, seed=seed)
     with ThreadPoolExecutor(20) as pool:
         completions = list(pool.map(one, range(20)))
     for c in completions:
@@ -59,7 +59,7 @@ def test_schema_with_n_and_streaming_and_a_stop_string(client):
     schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": Person.model_json_schema()}}
     stream = client.chat.completions.create(
         model="", messages=[{"role": "user", "content": "Invent a person. Answer in JSON."}], n=3, temperature=0.9,
-        max_tokens=120, seed=3, stream=True, response_format=schema, stop=["never-appears"])
+        max_tokens=300, seed=3, stream=True, response_format=schema, stop=["never-appears"])
     texts = ["", "", ""]
     for chunk in stream:
         for choice in chunk.choices:
