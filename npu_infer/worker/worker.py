@@ -102,7 +102,9 @@ class Worker:
         chunks = [SeqChunk(f"profile-{i}", [0] * n, 0, [0] * -(-n // cfg.block_size), True, params,
                            prompt_ids=[0] * (n + 1), output_ids=[0], num_prompt_tokens=n + 1)
                   for i, n in enumerate(lengths)]
-        self.runner.execute(StepInput(chunks))
+        out = self.runner.execute(StepInput(chunks))
+        if out is not None and out.errors:  # a dummy row cannot be at fault: any failure here is the engine's own
+            raise RuntimeError(f"profile_run failed: {next(iter(out.errors.values()))}")
         for c in chunks:  # the dummy requests' seeded generators
             self.runner.generators.pop(c.request_id, None)
         self.platform.synchronize()
