@@ -64,8 +64,8 @@ def test_schema_with_n_and_streaming_and_a_stop_string(client):
     for chunk in stream:
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
-    for text in texts:
-        Person.model_validate_json(text)
+    people = [Person.model_validate_json(text) for text in texts]  # raises on text that breaks the schema
+    assert len(people) == 3 and all(isinstance(p, Person) for p in people)
 
 
 def test_guided_choice_only_returns_a_choice(client):
