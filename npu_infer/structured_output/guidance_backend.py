@@ -8,7 +8,7 @@ import llguidance.hf
 import llguidance.torch
 import torch
 
-from npu_infer.structured_output.params import StructuredOutputsParams
+from npu_infer.structured_output.params import JSON_MAX_WHITESPACE, StructuredOutputsParams
 from npu_infer.structured_output.xgrammar_backend import choice_grammar
 
 
@@ -40,7 +40,9 @@ class GuidanceBackend:
             raise ValueError("structural_tag needs the xgrammar backend")
         if kind in ("json", "json_object"):
             schema = dict(params.json) if kind == "json" else {"type": "object"}
-            schema.setdefault("x-guidance", {"whitespace_flexible": not params.disable_any_whitespace})
+            schema.setdefault("x-guidance", {"whitespace_flexible": not params.disable_any_whitespace,
+                                             "whitespace_pattern": None if params.disable_any_whitespace
+                                             else rf"[\x20\x0A\x0D\x09]{{0,{JSON_MAX_WHITESPACE}}}"})
             grammar = llguidance.grammar_from("json_schema", json.dumps(schema))
         elif kind == "choice":
             grammar = llguidance.grammar_from("grammar", choice_grammar(params.choice))

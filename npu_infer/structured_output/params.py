@@ -7,6 +7,10 @@ from typing import Any
 
 BACKENDS = ("auto", "xgrammar", "guidance")
 _KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+# Free whitespace between JSON tokens is capped per gap: a small model sampled at temperature 0.8 can otherwise
+# emit newlines until max_tokens and return JSON cut short (vLLM's open problem). 20 covers a newline and
+# indentation 18 deep, so pretty-printed answers still fit.
+JSON_MAX_WHITESPACE = 20
 
 
 @dataclass

@@ -7,7 +7,7 @@ import json
 import torch
 import xgrammar as xgr
 
-from npu_infer.structured_output.params import StructuredOutputsParams
+from npu_infer.structured_output.params import JSON_MAX_WHITESPACE, StructuredOutputsParams
 
 
 # JSON-schema keywords xgrammar compiles but does not enforce (it drops them, some with only a log line): a schema
@@ -81,10 +81,9 @@ class XgrammarBackend:
             keyword = unenforced_keyword(params.json)
             if keyword is not None:
                 raise ValueError(f"xgrammar does not enforce the JSON-schema keyword {keyword!r}")
-            return self._compiler.compile_json_schema(json.dumps(params.json),
-                                                      any_whitespace=not params.disable_any_whitespace)
+            return self._json(params.json, params)
         if kind == "json_object":
-            return self._compiler.compile_builtin_json_grammar()
+            return self._json({"type": "object"}, params)
         if kind == "regex":
             return self._compiler.compile_regex(params.regex)
         if kind == "choice":
@@ -98,6 +97,10 @@ class XgrammarBackend:
                      for s in tag["structures"]]
             return self._compiler.compile_structural_tag(items, tag["triggers"])
         return self._compiler.compile_structural_tag(json.dumps(tag))
+
+    def _json(self, schema: dict, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        return self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=not params.disable_any_whitespace,
+                                                  max_whitespace_cnt=JSON_MAX_WHITESPACE)
 
     def matcher(self, compiled: xgr.CompiledGrammar) -> XgrammarMatcher:
         return XgrammarMatcher(compiled)
