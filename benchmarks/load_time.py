@@ -43,8 +43,8 @@ def prepare(work: Path, dtype: str) -> dict[str, tuple[Path, dict]]:
     """format label -> (model path, extra LLM kwargs); each made once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from npu_infer.loaders.sharded_state import save_sharded_state
-    from npu_infer.loaders.tensorizer_loader import tensorize_model
+    from npu_infer.loaders.save_sharded_state import save_sharded_state
+    from npu_infer.loaders.tensorize import tensorize_model
     gguf = smollm2_gguf()
     torch_dtype = getattr(torch, dtype)
     hf = work / f"hf-{dtype}"

@@ -10,8 +10,8 @@ from npu_infer.optional_deps import MissingDependencyError
 COMMANDS = {
     "serve": ("npu_infer.api.server", "main", "start the OpenAI-compatible server (same flags as vLLM)"),
     "env": ("npu_infer.env_report", "main", "print torch / torch_npu / CANN / transformers versions and devices"),
-    "save-sharded-state": ("npu_infer.loaders.sharded_state", "main", "write each rank's weights to its own file"),
-    "tensorize": ("npu_infer.loaders.tensorizer_loader", "main", "serialize a model for --load-format tensorizer"),
+    "save-sharded-state": ("npu_infer.loaders.save_sharded_state", "main", "write each rank's weights to its own file"),
+    "tensorize": ("npu_infer.loaders.tensorize", "main", "serialize a model for --load-format tensorizer"),
     "quantize": ("npu_infer.loaders.compressed_tensors", "main", "write an int8 (w8a8 | w8a16) compressed-tensors checkpoint"),
     "selftest": ("npu_infer.selftest", "main", "check every kernel, the sampler and two tiny models on the device"),
     "worker": ("npu_infer.worker.multiproc_executor", "worker_main", "run the worker ranks of one node (multi-node)"),

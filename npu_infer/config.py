@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+if TYPE_CHECKING:
+    from npu_infer.platform.interface import Platform
+
+DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "sharded_state", "tensorizer", "bitsandbytes", "gguf")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -52,7 +55,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
-    block_size: int | None = None  # None: the platform's default (16; 128 on NPU, what its kernels need)
+    block_size: int | None = None  # None: the platform's default (Platform.default_block_size)
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | str | None = None
     num_gpu_blocks_override: int | None = None
@@ -95,7 +98,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load format {self.load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose auto, float32, bfloat16 or float16")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
@@ -114,27 +117,11 @@ class EngineConfig:
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
-    def resolve(self, hf_config: Any, default_dtype: torch.dtype, supported_dtypes: tuple[torch.dtype, ...],
-                device_name: str, default_block_size: int = 16,
-                supported_block_sizes: tuple[int, ...] | None = None) -> None:
-        """Fix the dtype, block size and lengths once the model's config and the platform are known."""
+    def resolve(self, hf_config: Any, platform: Platform) -> None:
+        """Fix what depends on the platform (device, dtype, block size: platform.check_and_update_config) and on
+        the model's config (lengths): once per process, before any weights are read."""
         self.hf_config = hf_config
-        if self.block_size is None:
-            self.block_size = default_block_size
-        elif supported_block_sizes is not None and self.block_size not in supported_block_sizes:
-            sizes = ", ".join(map(str, supported_block_sizes))
-            raise ValueError(f"--block-size {self.block_size} is not supported on {device_name}: its attention kernels "
-                             f"take {sizes}; leave --block-size unset or pass {supported_block_sizes[0]}")
-        if self.dtype == "auto":
-            self.torch_dtype = default_dtype
-        else:
-            self.torch_dtype = _DTYPES[self.dtype]
-        if self.torch_dtype not in supported_dtypes:
-            names = ", ".join(str(d).removeprefix("torch.") for d in supported_dtypes)
-            raise ValueError(f"dtype {self.torch_dtype} is not supported on {device_name}; use one of {names}")
-        if device_name == "npu" and self.quantization == "bitsandbytes":
-            raise ValueError("--quantization bitsandbytes is not supported on npu (bitsandbytes has no NPU kernels: "
-                             "it would dequantize every weight on every matmul); serve the unquantized model")
+        platform.check_and_update_config(self)
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
         if self.max_model_len is None:
             self.max_model_len = model_max

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from npu_infer.platform import Platform, get_platform, set_current_platform
+from npu_infer.platform import Platform, init_platform
 from npu_infer.platform.npu_attention import LAYOUT_ENV
 from npu_infer.platform.torch_ops import TorchOps
 from npu_infer.sampling import SamplerRow, SamplingParams, sample
@@ -308,10 +308,9 @@ def run(device: str, models: bool = True) -> list[Check]:
         checks.append(Check(name, ok, time.perf_counter() - start, detail))
 
     try:
-        platform = get_platform(device)
+        platform = init_platform(device)
     except Exception as exc:
         return [Check("platform", False, 0.0, f"{type(exc).__name__}: {exc}")]
-    set_current_platform(platform)
     dev = platform.device(0)
     platform.set_device(dev)
     dtype = torch.bfloat16

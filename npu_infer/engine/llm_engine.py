@@ -13,11 +13,10 @@ from npu_infer.engine.detokenizer import IncrementalDetokenizer, find_stop
 from npu_infer.engine.logits_rules import RequestLogitsRules, gather_step_masks, make_rules
 from npu_infer.engine.request import Request, Status
 from npu_infer.engine.scheduler import Scheduler
-from npu_infer.loaders.hf_files import load_hf_config, load_tokenizer
+from npu_infer.engine.startup import resolve_engine_config
+from npu_infer.loaders.hf_files import load_tokenizer
 from npu_infer.generation_config import sampling_defaults
-from npu_infer.loaders.model_path import resolve_model_path
 from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
-from npu_infer.platform import get_platform, set_current_platform
 from npu_infer.sampling import SamplingParams
 from npu_infer.worker.executor import make_executor
 from npu_infer.worker.step_io import SeqChunk, StepInput
@@ -60,19 +59,13 @@ class ParentRequest:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.platform = get_platform(config.device)
-        set_current_platform(self.platform)
-        config.model_path = resolve_model_path(config.model)
+        self.platform = resolve_engine_config(config)
         self.sampling_defaults = sampling_defaults(config.generation_config, config.model_path,
                                                    config.override_generation_config)
-        hf_config = load_hf_config(config)
-        config.resolve(hf_config, self.platform.default_dtype(), self.platform.supported_dtypes(),
-                       self.platform.device_type, default_block_size=self.platform.default_block_size(),
-                       supported_block_sizes=self.platform.supported_block_sizes())
         self.tokenizer = load_tokenizer(config)
-        self.eos_token_ids = self._eos_ids(hf_config)
+        self.eos_token_ids = self._eos_ids(config.hf_config)
         start = time.monotonic()
-        self.executor = make_executor(config, self.platform)
+        self.executor = make_executor(config)
         num_blocks = self.executor.num_blocks
         capacity = num_blocks * config.block_size
         if capacity < config.max_model_len:
@@ -94,7 +87,7 @@ class LLMEngine:
         self.finished_since_step: list[str] = []
         self.failures: dict[str, RequestFailedError] = {}  # user request id -> why it failed (until taken)
         self.stats = EngineStats()
-        self.vocab_size = hf_config.vocab_size
+        self.vocab_size = config.hf_config.vocab_size
         self.logits_rules: dict[str, RequestLogitsRules] = {}
         self._structured = None  # StructuredOutputManager, made on the first constrained request
 

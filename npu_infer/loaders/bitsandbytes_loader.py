@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from npu_infer.config import EngineConfig
-from npu_infer.loaders.registry import bnb_checkpoint_config, feed_weights, iterate_source_weights, source_format
+from npu_infer.loaders.dummy_loader import fill_dummy_weights
+from npu_infer.loaders.formats import bnb_checkpoint_config, feed_weights, iterate_source_weights, source_format
+from npu_infer.models.layers.quantized_linear import quantize_linears
 from npu_infer.optional_deps import import_optional
 
 ENV_MODE = "NPU_INFER_BNB_QUANT"
@@ -102,7 +104,6 @@ def dequantize_checkpoint(weights: Iterable[tuple[str, torch.Tensor]], dtype: to
 
 def load_bitsandbytes(model: nn.Module, config: EngineConfig) -> None:
     """Load full weights through the model's own mapping, then quantize every linear layer with bitsandbytes."""
-    from npu_infer.models.layers.quantized_linear import quantize_linears
     settings = bnb_settings(config)
     device = next(model.parameters()).device
     check_device(device, settings["mode"])
@@ -112,7 +113,6 @@ def load_bitsandbytes(model: nn.Module, config: EngineConfig) -> None:
         raise ValueError("bitsandbytes quantizes full checkpoints as they load; a sharded_state directory holds "
                          "already-sharded weights: give the original checkpoint")
     if fmt == "dummy":  # real-size quantized model without weights, for profiling and benchmarks
-        from npu_infer.loaders.dummy_loader import fill_dummy_weights
         fill_dummy_weights(model, config.seed)
     else:
         weights = iterate_source_weights(config, fmt)

@@ -16,10 +16,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from npu_infer.config import EngineConfig
+from npu_infer.loaders.conversion import copy_side_files, source_config
+from npu_infer.loaders.formats import detect_load_format, feed_weights, iterate_source_weights, source_format
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES, make_int8, quantize_weight
+from npu_infer.models.layers.linear import LinearBase
 from npu_infer.optional_deps import import_optional
 
 QUANT_METHOD = "compressed-tensors"
@@ -131,7 +135,6 @@ def decompress(weights: Iterable[tuple[str, torch.Tensor]], scheme: str) -> Iter
 def prepare_int8_layers(model: nn.Module, scheme: str) -> None:
     """Give every decoder LinearBase an int8 weight and an fp32 scale to be loaded into, TP-sliced by the layer's
     own weight_loader (the scale like a bias: along N for column-parallel, whole for row-parallel)."""
-    from npu_infer.models.layers.linear import LinearBase
     for module in model.modules():
         if isinstance(module, LinearBase):
             n, k = module.weight.shape
@@ -151,7 +154,6 @@ def check_scales(model: nn.Module) -> None:
 
 
 def load_compressed_tensors(model: nn.Module, config: EngineConfig, qc: dict) -> None:
-    from npu_infer.loaders.registry import feed_weights, iterate_source_weights, source_format
     scheme = checkpoint_scheme(qc)
     prepare_int8_layers(model, scheme)
     feed_weights(model, decompress(iterate_source_weights(config, source_format(config)), scheme))
@@ -160,10 +162,6 @@ def load_compressed_tensors(model: nn.Module, config: EngineConfig, qc: dict) ->
 
 def write_quantized(model: str, output: str, scheme: str, dtype: str = "bfloat16") -> Path:
     """Quantize checkpoint `model` (safetensors, .bin or GGUF) to `output` as a compressed-tensors checkpoint."""
-    from safetensors.torch import save_file
-
-    from npu_infer.loaders.registry import detect_load_format, iterate_source_weights
-    from npu_infer.loaders.sharded_state import copy_side_files, source_config
     if scheme not in INT8_SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(INT8_SCHEMES)}")
     config = source_config(model, dtype)

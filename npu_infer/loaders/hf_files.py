@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from npu_infer.config import EngineConfig
-from npu_infer.loaders.registry import is_gguf
+from npu_infer.loaders.formats import is_gguf
 
 
 def load_hf_config(config: EngineConfig):

@@ -1,104 +1,17 @@
-"""--load-format name -> how the model's weights are filled."""
+"""--load-format name -> the loader that fills the model's weights (format detection: formats.py)."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-
-import torch
 from torch import nn
 
-from npu_infer.config import LOAD_FORMATS, EngineConfig
-
+from npu_infer.config import EngineConfig
+from npu_infer.loaders.bitsandbytes_loader import load_bitsandbytes
+from npu_infer.loaders.compressed_tensors import load_compressed_tensors
+from npu_infer.loaders.dummy_loader import fill_dummy_weights
+from npu_infer.loaders.formats import (checkpoint_quant_config, checkpoint_quant_method, detect_load_format,
+                                       feed_weights, iterate_source_weights)
+from npu_infer.loaders.sharded_state import load_sharded_state
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES
-
-QUANTIZATIONS = (None, "bitsandbytes", "gguf", "compressed-tensors", *INT8_SCHEMES)
-
-
-def is_gguf(path: str) -> bool:
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
-def bnb_checkpoint_config(hf_config) -> dict | None:
-    """The checkpoint's bitsandbytes quantization_config (a pre-quantized checkpoint), or None."""
-    qc = checkpoint_quant_config(hf_config)
-    return qc if qc and qc.get("quant_method") == "bitsandbytes" else None
-
-
-def checkpoint_quant_config(hf_config) -> dict | None:
-    """config.json's quantization_config as a dict, or None."""
-    qc = getattr(hf_config, "quantization_config", None)
-    if qc is not None and not isinstance(qc, dict):
-        qc = qc.to_dict()
-    return qc or None
-
-
-def checkpoint_quant_method(hf_config) -> str | None:
-    """The quant_method of config.json's quantization_config (bitsandbytes, compressed-tensors, ...), or None."""
-    qc = checkpoint_quant_config(hf_config)
-    return qc.get("quant_method") if qc else None
-
-
-def check_not_quantized_otherwise(config: EngineConfig) -> None:
-    """--quantization w8a8 / w8a16 quantizes full-precision weights: a checkpoint already quantized another way
-    is refused, clearly, rather than dequantized and quantized twice."""
-    method = checkpoint_quant_method(config.hf_config)
-    if config.quantization == "compressed-tensors" and method != "compressed-tensors":
-        raise ValueError(f"--quantization compressed-tensors, but {config.model_path} is not a compressed-tensors "
-                         "checkpoint (config.json has no such quantization_config)")
-    if config.quantization in INT8_SCHEMES and method is not None:
-        raise ValueError(f"--quantization {config.quantization} quantizes a full-precision checkpoint, but "
-                         f"{config.model_path} is already quantized ({method}); load it without --quantization")
-
-
-def detect_load_format(config: EngineConfig) -> str:
-    """What `auto` means for this path: gguf, sharded_state, tensorizer, bitsandbytes, or auto (the default
-    loader: safetensors, else .bin/.pt)."""
-    fmt = config.load_format
-    if fmt not in LOAD_FORMATS:
-        raise ValueError(f"unknown load format {fmt!r}; choose one of {', '.join(LOAD_FORMATS)}")
-    if config.quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {config.quantization!r}; choose one of "
-                         f"{', '.join(q for q in QUANTIZATIONS if q)} (or none)")
-    if config.quantization == "gguf" and not is_gguf(config.model_path):
-        raise ValueError(f"--quantization gguf needs a .gguf file, but {config.model_path} is not one")
-    prequantized = bnb_checkpoint_config(config.hf_config) is not None
-    check_not_quantized_otherwise(config)
-    # bitsandbytes quantizes whatever full checkpoint it is given (safetensors, .bin, GGUF, tensorizer, dummy).
-    if fmt != "sharded_state" and (config.quantization == "bitsandbytes" or prequantized):
-        return "bitsandbytes"
-    return source_format(config) if fmt == "auto" else fmt
-
-
-def source_format(config: EngineConfig) -> str:
-    """The container at config.model_path, judged by what the path holds (bitsandbytes aside)."""
-    path = Path(config.model_path)
-    if is_gguf(str(path)):
-        return "gguf"
-    if path.is_dir() and any(path.glob("model-rank-*-part-*.safetensors")):
-        return "sharded_state"
-    if path.is_dir() and any(path.glob("*.tensors")) and not any(path.glob("*.safetensors")):
-        return "tensorizer"
-    return "auto"
-
-
-def iterate_source_weights(config: EngineConfig, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) pairs from a checkpoint in an HF-named format: auto/safetensors/pt, gguf, tensorizer."""
-    if fmt in ("auto", "safetensors", "pt"):
-        from npu_infer.loaders.default_loader import iterate_weights, weight_files
-        return iterate_weights(weight_files(config.model_path, fmt))
-    if fmt == "gguf":
-        if not is_gguf(config.model_path):
-            raise ValueError(f"--load-format gguf needs a .gguf file, but {config.model_path} is not one")
-        from npu_infer.loaders.gguf_loader import iterate_gguf_weights
-        return iterate_gguf_weights(config.model_path)
-    if fmt == "tensorizer":
-        from npu_infer.loaders.tensorizer_loader import iterate_tensorizer_weights
-        return iterate_tensorizer_weights(config.model_path)
-    raise ValueError(f"load format {fmt!r} does not hold HF-named full tensors")
+from npu_infer.models.layers.linear import quantize_linears_int8
 
 
 def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
@@ -107,38 +20,14 @@ def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
     `rank` is the worker's global rank (sharded_state reads that rank's file)."""
     fmt = detect_load_format(config)
     if fmt == "dummy":
-        from npu_infer.loaders.dummy_loader import fill_dummy_weights
         fill_dummy_weights(model, config.seed)
     elif fmt == "sharded_state":
-        from npu_infer.loaders.sharded_state import load_sharded_state
         load_sharded_state(model, config, rank)
     elif fmt == "bitsandbytes":
-        from npu_infer.loaders.bitsandbytes_loader import load_bitsandbytes
         load_bitsandbytes(model, config)
     elif checkpoint_quant_method(config.hf_config) == "compressed-tensors":  # int8, served as it is stored
-        from npu_infer.loaders.compressed_tensors import load_compressed_tensors
         load_compressed_tensors(model, config, checkpoint_quant_config(config.hf_config))
     else:
         feed_weights(model, iterate_source_weights(config, fmt))
     if config.quantization in INT8_SCHEMES:  # quantize on load, whatever the full-precision source
-        from npu_infer.models.layers.int8_linear import quantize_linears_int8
         quantize_linears_int8(model, config.quantization)
-
-
-def feed_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """model.load_weights(weights), with a tensor that cannot be sliced into its parameter reported by name."""
-    current: list = [None]
-
-    def tracked() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            current[0] = (name, tuple(tensor.shape))
-            yield name, tensor
-
-    try:
-        model.load_weights(tracked())
-    except RuntimeError as exc:
-        if current[0] is None:
-            raise
-        name, shape = current[0]
-        raise ValueError(f"checkpoint tensor {name} of shape {shape} does not match this model "
-                         f"({str(exc).splitlines()[0]}); does config.json describe this checkpoint?") from None

@@ -1,11 +1,14 @@
-"""Platform selection: `--device auto|npu|cuda|cpu` -> one Platform instance for the process."""
+"""Platform selection: `--device auto|npu|cuda|cpu` -> the one Platform instance of the process, decided once."""
 from __future__ import annotations
+
+import logging
 
 from npu_infer.platform.cpu import CpuPlatform
 from npu_infer.platform.cuda import CudaPlatform
 from npu_infer.platform.interface import DeviceUnavailableError, Platform
 from npu_infer.platform.npu import NpuPlatform
 
+logger = logging.getLogger(__name__)
 PLATFORMS: dict[str, type[Platform]] = {"npu": NpuPlatform, "cuda": CudaPlatform, "cpu": CpuPlatform}
 _current: Platform | None = None
 
@@ -21,18 +24,22 @@ def get_platform(device: str = "auto") -> Platform:
     return platform
 
 
-def set_current_platform(platform: Platform) -> None:
+def init_platform(device: str) -> Platform:
+    """Decide this process's platform from --device, at the start of the process: the engine's (LLMEngine), each
+    worker process (from the config it receives) and the command-line tools that build models."""
     global _current
-    _current = platform
-
-
-def current_platform() -> Platform:
-    """The platform chosen for this process (CPU until an engine or worker sets one)."""
-    global _current
-    if _current is None:
-        _current = CpuPlatform()
+    _current = get_platform(device)
+    logger.debug("platform of this process: %r", _current)
     return _current
 
 
-__all__ = ["Platform", "DeviceUnavailableError", "CpuPlatform", "CudaPlatform", "NpuPlatform", "get_platform", "current_platform",
-           "set_current_platform"]
+def current_platform() -> Platform:
+    """The platform init_platform() decided for this process; model layers ask it for their kernels."""
+    if _current is None:
+        raise RuntimeError("no platform was decided for this process: model layers are built by an engine "
+                           "(LLMEngine), or call npu_infer.platform.init_platform(device) first")
+    return _current
+
+
+__all__ = ["Platform", "DeviceUnavailableError", "CpuPlatform", "CudaPlatform", "NpuPlatform", "get_platform",
+           "init_platform", "current_platform"]

@@ -1,7 +1,14 @@
 """Platform: the one place that answers every device question (memory, devices, backends, kernels)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from npu_infer.config import DTYPES
+
+if TYPE_CHECKING:
+    from npu_infer.config import EngineConfig
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -67,6 +74,22 @@ class Platform:
     def default_kv_cache_cap(self) -> int | None:
         """Upper bound on KV bytes when the user set no --kv-cache-memory (None: the formula alone)."""
         return None
+
+    def check_and_update_config(self, config: EngineConfig) -> None:
+        """Fill in what the user left to the platform (device, dtype, block size) and refuse, in one sentence, what
+        it cannot run. Called once per process, by EngineConfig.resolve()."""
+        config.device = self.device_type  # worker processes decide their platform from it
+        supported = self.supported_block_sizes()
+        if config.block_size is None:
+            config.block_size = self.default_block_size()
+        elif supported is not None and config.block_size not in supported:
+            sizes = ", ".join(map(str, supported))
+            raise ValueError(f"--block-size {config.block_size} is not supported on {self.device_type}: its "
+                             f"attention kernels take {sizes}; leave --block-size unset or pass {supported[0]}")
+        config.torch_dtype = self.default_dtype() if config.dtype == "auto" else DTYPES[config.dtype]
+        if config.torch_dtype not in self.supported_dtypes():
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes())
+            raise ValueError(f"dtype {config.torch_dtype} is not supported on {self.device_type}; use one of {names}")
 
     def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         """After loading: rearrange weights for this platform's kernels (nothing by default)."""

@@ -1,33 +1,19 @@
-"""NpuPlatform: Ascend NPUs through torch_npu (imported lazily, only here and in the npu_* kernel modules)."""
+"""NpuPlatform: Ascend NPUs through torch_npu (imported lazily, through torch_npu_import.py)."""
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
-from npu_infer.optional_deps import MissingDependencyError, install_command
 from npu_infer.platform.interface import DeviceUnavailableError, Platform
-from npu_infer.platform.npu_attention import BLOCK_SIZE
+from npu_infer.platform.npu_attention import BLOCK_SIZE, NpuAttentionBackend
+from npu_infer.platform.npu_ops import NpuFusedOps
+from npu_infer.platform.torch_npu_import import import_torch_npu
 
-INSTALL_HINT = ("install the CANN toolkit, source its set_env.sh, and `" + install_command("torch_npu") + "` with the "
-                "torch-npu release made for your torch (torch-npu X.Y.Z needs torch==X.Y.Z; this torch is {torch})")
-
-
-class TorchNpuMissingError(MissingDependencyError, DeviceUnavailableError):
-    """torch_npu is not installed: a missing optional dependency, and the reason --device npu cannot be used."""
-
-
-def import_torch_npu():
-    """Import torch_npu, or fail with one sentence saying what to install."""
-    try:
-        return importlib.import_module("torch_npu")
-    except Exception as exc:  # ImportError, or CANN's shared libraries missing (OSError/RuntimeError)
-        hint = INSTALL_HINT.format(torch=torch.__version__.split("+")[0])
-        missing = isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "torch_npu"
-        error = TorchNpuMissingError if missing else DeviceUnavailableError
-        raise error(f"--device npu needs torch_npu and CANN ({type(exc).__name__}: {exc}); {hint}") from None
+if TYPE_CHECKING:
+    from npu_infer.config import EngineConfig
 
 
 def _visible_devices_note() -> str:
@@ -120,10 +106,14 @@ class NpuPlatform(Platform):
     def supported_block_sizes(self) -> tuple[int, ...]:
         return (BLOCK_SIZE,)
 
-    def attention_backend(self):
-        from npu_infer.platform.npu_attention import NpuAttentionBackend
+    def check_and_update_config(self, config: EngineConfig) -> None:
+        super().check_and_update_config(config)
+        if config.quantization == "bitsandbytes":
+            raise ValueError("--quantization bitsandbytes is not supported on npu (bitsandbytes has no NPU kernels: "
+                             "it would dequantize every weight on every matmul); serve the unquantized model")
+
+    def attention_backend(self) -> NpuAttentionBackend:
         return NpuAttentionBackend()
 
-    def fused_ops(self):
-        from npu_infer.platform.npu_ops import NpuFusedOps
+    def fused_ops(self) -> NpuFusedOps:
         return NpuFusedOps()

@@ -36,11 +36,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from npu_infer.platform.torch_npu_import import import_torch_npu
+
 if TYPE_CHECKING:
     from npu_infer.worker.context import AttentionMetadata
 
 logger = logging.getLogger(__name__)
-BLOCK_SIZE = 128
+BLOCK_SIZE = 128  # the one block size the kernels take (see "Block size" above); NpuPlatform enforces it
 MASK_SIZE = 2048  # sparse_mode 2/3/4 take this fixed-size compressed causal mask
 # Forces the paged prefill's query layout: TND or BSH.  Some CANN versions reject TND with a block table
 # (error 561002); BSH pads the queries and works on all of them.
@@ -78,7 +80,6 @@ class _StepTensors:
 class NpuAttentionBackend:
     def __init__(self, prefill_layout: str | None = None):
         """``prefill_layout``: TND or BSH; None chooses at the first step from the head_dim (choose_prefill_layout)."""
-        from npu_infer.platform.npu import import_torch_npu
         if prefill_layout not in ("TND", "BSH", None):
             raise ValueError(f"prefill_layout must be TND or BSH, got {prefill_layout!r}")
         self._npu = import_torch_npu()
@@ -89,11 +90,6 @@ class NpuAttentionBackend:
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
-
-    def check_block_size(self, block_size: int) -> None:
-        if block_size != BLOCK_SIZE:
-            raise ValueError(f"block size {block_size} cannot be used on NPU: the paged prefill kernel needs a "
-                             f"multiple of 128 and the decode kernel at most 128*128/head_dim, so use {BLOCK_SIZE}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float, num_heads: int, num_kv_heads: int,

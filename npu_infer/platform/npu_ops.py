@@ -14,6 +14,8 @@ import weakref
 
 import torch
 
+from npu_infer.platform.torch_npu_import import import_torch_npu
+
 # _npu_rotary_embedding builds its cos/sin tables from the FIRST cos_sin_cache it is given in the process and
 # silently reuses them afterwards (op-plugin's InitializeCosSinCache).  Every layer owns an equal copy of the
 # cache, so all of them are mapped to the first one; a cache with other values is refused instead of being
@@ -23,7 +25,6 @@ _FIRST_ROPE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 class NpuFusedOps:
     def __init__(self):
-        from npu_infer.platform.npu import import_torch_npu
         self._npu = import_torch_npu()
         self._rope: dict[tuple, tuple] = {}  # (id(cache), dtype) -> (weakref, version, cache passed to the op)
 

@@ -19,9 +19,6 @@ class TorchAttentionBackend:
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
-    def check_block_size(self, block_size: int) -> None:
-        pass
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float, num_heads: int, num_kv_heads: int,
                 head_dim: int) -> torch.Tensor:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from npu_infer.config import EngineConfig
-from npu_infer.platform import Platform
 from npu_infer.worker.step_io import StepInput, StepOutput
 from npu_infer.worker.worker import Worker
 
@@ -14,8 +13,8 @@ class WorkerProcessError(RuntimeError):
 class UniProcExecutor:
     """The single worker lives in the engine's own process."""
 
-    def __init__(self, config: EngineConfig, platform: Platform):
-        self.worker = Worker(config, platform)
+    def __init__(self, config: EngineConfig):
+        self.worker = Worker(config)
         self.worker.init_device()
         self.worker.load_model()
         self.num_blocks = self.worker.determine_num_blocks()
@@ -31,8 +30,8 @@ class UniProcExecutor:
         pass
 
 
-def make_executor(config: EngineConfig, platform: Platform):
+def make_executor(config: EngineConfig):
     if config.world_size == 1:
-        return UniProcExecutor(config, platform)
+        return UniProcExecutor(config)
     from npu_infer.worker.multiproc_executor import MultiprocExecutor
-    return MultiprocExecutor(config, platform)
+    return MultiprocExecutor(config)

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from npu_infer.config import EngineConfig
-from npu_infer.platform import Platform
+from npu_infer.platform import init_platform
 from npu_infer.worker.executor import WorkerProcessError
 from npu_infer.worker.step_io import StepInput, StepOutput, decode_message, encode_message
 
@@ -268,14 +268,14 @@ class _Channel:
             self.conn.send(("ok", out))
 
 
-def _worker_process(config: EngineConfig, device_type: str, rank: int, local_rank: int, num_local_ranks: int,
-                    init_method: str, conn: Connection | None, log_level: int) -> None:
+def _worker_process(config: EngineConfig, rank: int, local_rank: int, num_local_ranks: int, init_method: str,
+                    conn: Connection | None, log_level: int) -> None:
     torch.set_num_threads(_threads_per_rank(num_local_ranks))
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
-    from npu_infer.platform import get_platform
     from npu_infer.worker.worker import Worker
     try:
-        worker = Worker(config, get_platform(device_type), rank, local_rank, init_method)
+        init_platform(config.device)  # the device the engine's process decided (check_and_update_config)
+        worker = Worker(config, rank, local_rank, init_method)
         worker.init_device()
         channel = _Channel(config, rank, conn)
         worker.load_model()
@@ -310,15 +310,14 @@ def _worker_process(config: EngineConfig, device_type: str, rank: int, local_ran
     worker.shutdown()
 
 
-def _spawn(config: EngineConfig, device_type: str, node_rank: int, init_method: str,
-           with_pipes: bool) -> tuple[list, list[Connection]]:
+def _spawn(config: EngineConfig, node_rank: int, init_method: str, with_pipes: bool) -> tuple[list, list[Connection]]:
     ctx = mp.get_context("spawn")
     ranks = ranks_of_node(config, node_rank)
     procs, conns = [], []
     for local_rank, rank in enumerate(ranks):
         parent_end, child_end = ctx.Pipe() if with_pipes else (None, None)
         proc = ctx.Process(target=_worker_process, name=f"npu_infer-rank{rank}", daemon=True,
-                           args=(config, device_type, rank, local_rank, len(ranks), init_method, child_end,
+                           args=(config, rank, local_rank, len(ranks), init_method, child_end,
                                  logging.getLogger().getEffectiveLevel()))
         proc.start()
         if child_end is not None:
@@ -386,7 +385,7 @@ def _describe_exit(proc) -> str:
 class MultiprocExecutor:
     """Spawns this node's ranks, hands every step to all of them, returns the sampling rank's StepOutput."""
 
-    def __init__(self, config: EngineConfig, platform: Platform):
+    def __init__(self, config: EngineConfig):
         check_parallel_config(config)
         if config.node_rank != 0:
             raise ValueError(f"the engine runs on node 0; on node {config.node_rank} run `npu-infer worker` "
@@ -396,8 +395,7 @@ class MultiprocExecutor:
         # WorkerProcessError; 0 waits as long as the step takes, still watching for deaths.
         self.step_timeout = float(os.environ.get("NPU_INFER_STEP_TIMEOUT", config.step_timeout))
         self.local_ranks = list(ranks_of_node(config, 0))
-        self.procs, self.conns = _spawn(_for_workers(config), platform.device_type, 0, _init_method(config),
-                                        with_pipes=True)
+        self.procs, self.conns = _spawn(_for_workers(config), 0, _init_method(config), with_pipes=True)
         self._stopping = threading.Event()  # set before the executor stops its workers itself
         self._encode = _encoder(config)
         self._finalizer = weakref.finalize(self, _stop_all, self._stopping, self.procs, self.conns, self._encode)
@@ -576,19 +574,12 @@ def worker_main(argv: list[str]) -> int:
     if config.nnodes < 2 or config.node_rank < 1:
         raise SystemExit("npu-infer worker runs the ranks of node 1.. of a multi-node run: pass --nnodes N (>= 2) "
                          "and --node-rank K (1 <= K < N); node 0 runs the server")
-    from npu_infer.loaders.hf_files import load_hf_config
-    from npu_infer.loaders.model_path import resolve_model_path
-    from npu_infer.platform import get_platform
-    platform = get_platform(config.device)
-    config.model_path = resolve_model_path(config.model)
-    # As LLMEngine resolves it on node 0 (the ranks then check that the results agree).
-    config.resolve(load_hf_config(config), platform.default_dtype(), platform.supported_dtypes(),
-                   platform.device_type, default_block_size=platform.default_block_size(),
-                   supported_block_sizes=platform.supported_block_sizes())
+    from npu_infer.engine.startup import resolve_engine_config
+    resolve_engine_config(config)  # as LLMEngine resolves it on node 0 (the ranks then check that the results agree)
     check_parallel_config(config)
     ranks, init_method = ranks_of_node(config, config.node_rank), _init_method(config)
     logger.info("node %d: starting ranks %d..%d, rendezvous at %s", config.node_rank, ranks[0], ranks[-1], init_method)
-    procs, _ = _spawn(_for_workers(config), platform.device_type, config.node_rank, init_method, with_pipes=False)
+    procs, _ = _spawn(_for_workers(config), config.node_rank, init_method, with_pipes=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         pending = {p.sentinel: p for p in procs}

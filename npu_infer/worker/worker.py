@@ -11,7 +11,7 @@ from npu_infer.config import EngineConfig
 from npu_infer.distributed.parallel_state import get_pp_group, get_tp_group, init_model_parallel
 from npu_infer.loaders import load_weights
 from npu_infer.models.registry import get_model_class
-from npu_infer.platform import Platform, set_current_platform
+from npu_infer.platform import current_platform
 from npu_infer.sampling import SamplingParams
 from npu_infer.worker.model_runner import ModelRunner
 from npu_infer.worker.step_io import SeqChunk, StepInput, StepOutput
@@ -25,14 +25,13 @@ def _gib(n: float) -> str:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, platform: Platform, rank: int = 0, local_rank: int = 0,
-                 init_method: str | None = None):
+    def __init__(self, config: EngineConfig, rank: int = 0, local_rank: int = 0, init_method: str | None = None):
         self.config = config
-        self.platform = platform
+        self.platform = current_platform()  # decided at the start of this process
         self.rank = rank
         self.local_rank = local_rank
         self.init_method = init_method
-        self.device = platform.device(local_rank)
+        self.device = self.platform.device(local_rank)
         self.model = None
         self.runner: ModelRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
@@ -40,7 +39,6 @@ class Worker:
         self.cpu_group = None  # gloo group of every rank, for scalar agreements (min_across_ranks)
 
     def init_device(self) -> None:
-        set_current_platform(self.platform)
         self.platform.set_device(self.device)
         if self.config.world_size > 1 and not dist.is_initialized():
             dist.init_process_group(self.platform.dist_backend, init_method=self.init_method,
@@ -177,7 +175,6 @@ class Worker:
         self.platform.empty_cache()
         layers = self._attention_layers()
         backend = layers[0].backend
-        backend.check_block_size(self.config.block_size)
         self.kv_caches = []
         for attn in layers:
             shape = backend.kv_cache_shape(num_blocks, self.config.block_size, attn.num_kv_heads, attn.head_dim)

@@ -38,7 +38,7 @@ class ChosenMemoryPlatform(CpuPlatform):
 
 
 def build(monkeypatch, model_dir, platform, **kwargs) -> LLMEngine:
-    monkeypatch.setattr("npu_infer.engine.llm_engine.get_platform", lambda device: platform)
+    monkeypatch.setattr("npu_infer.platform.get_platform", lambda device: platform)
     config = EngineConfig(model=str(model_dir), device="cpu", dtype="float32", skip_tokenizer_init=True,
                           max_model_len=256, **kwargs)
     return LLMEngine(config)

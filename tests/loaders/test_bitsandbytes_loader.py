@@ -198,7 +198,7 @@ def test_bfloat16_nf4_gives_finite_logprobs(tiny_llama_dir, monkeypatch):
 
 def test_other_sources_quantize_like_safetensors(tiny_llama_dir, tmp_path, monkeypatch):
     """--quantization bitsandbytes on a tensorized copy computes exactly what it does on the safetensors original."""
-    from npu_infer.loaders.tensorizer_loader import tensorize_model
+    from npu_infer.loaders.tensorize import tensorize_model
     monkeypatch.setenv("NPU_INFER_BNB_QUANT", "nf4")
     tensorize_model(str(tiny_llama_dir), str(tmp_path / "tz"))
     from_tensors = make_llm(tmp_path / "tz", load_format="tensorizer", quantization="bitsandbytes")
@@ -242,14 +242,14 @@ def test_a_device_bitsandbytes_cannot_run_is_one_sentence(tiny_llama_dir, monkey
 
 
 def test_bitsandbytes_refuses_a_sharded_state_directory(tiny_llama_dir, tmp_path):
-    from npu_infer.loaders.sharded_state import save_sharded_state
+    from npu_infer.loaders.save_sharded_state import save_sharded_state
     save_sharded_state(str(tiny_llama_dir), str(tmp_path / "s"))
     with pytest.raises(ValueError, match="give the original checkpoint"):
         make_llm(tmp_path / "s", quantization="bitsandbytes")
 
 
 def test_prequantized_checkpoint_cannot_be_saved_as_sharded_state(tiny_llama_dir, tmp_path):
-    from npu_infer.loaders.sharded_state import save_sharded_state
+    from npu_infer.loaders.save_sharded_state import save_sharded_state
     path = prequantized_checkpoint(tiny_llama_dir, tmp_path / "q", "nf4")
     with pytest.raises(ValueError, match="is a bitsandbytes checkpoint; save-sharded-state needs a full-precision"):
         save_sharded_state(str(path), str(tmp_path / "out"))

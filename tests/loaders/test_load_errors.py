@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from npu_infer import LLM
-from npu_infer.loaders.sharded_state import save_sharded_state
-from npu_infer.loaders.tensorizer_loader import tensorize_model
+from npu_infer.loaders.save_sharded_state import save_sharded_state
+from npu_infer.loaders.tensorize import tensorize_model
 
 
 def make_llm(path, **kwargs) -> LLM:

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from npu_infer import LLM, SamplingParams
 from npu_infer.cli import main as cli_main
-from npu_infer.loaders.sharded_state import as_rank, build_rank_model, rank_state, save_sharded_state, source_config
+from npu_infer.loaders.conversion import source_config
+from npu_infer.loaders.save_sharded_state import as_rank, build_rank_model, save_sharded_state
+from npu_infer.loaders.sharded_state import rank_state
 
 PROMPTS = [[1, 5, 9, 30, 7], list(range(40, 73))]
 
@@ -113,7 +115,8 @@ def test_tensorizer_file_path_stands_for_its_directory(tiny_qwen2_dir, tmp_path)
 
 
 def test_tensorizer_dtype_conversion(tiny_llama_dir, tmp_path):
-    from npu_infer.loaders.tensorizer_loader import iterate_tensorizer_weights, tensorize_model
+    from npu_infer.loaders.tensorize import tensorize_model
+    from npu_infer.loaders.tensorizer_loader import iterate_tensorizer_weights
     target = tensorize_model(str(tiny_llama_dir), str(tmp_path / "bf16"), dtype="bfloat16")
     original = load_file(str(tiny_llama_dir / "model.safetensors"))
     streamed = dict(iterate_tensorizer_weights(str(target.parent)))
@@ -125,7 +128,7 @@ def test_tensorizer_dtype_conversion(tiny_llama_dir, tmp_path):
 
 def test_tensorize_a_gguf_file_loads_like_the_gguf(write_tiny_gguf, tmp_path):
     gguf_path, _ = write_tiny_gguf("llama", quant=True)
-    from npu_infer.loaders.tensorizer_loader import tensorize_model
+    from npu_infer.loaders.tensorize import tensorize_model
     tensorize_model(gguf_path, str(tmp_path / "from-gguf"))
     from_gguf = make_llm(gguf_path)
     from_tensors = make_llm(tmp_path / "from-gguf", load_format="tensorizer")

@@ -69,9 +69,7 @@ class _HF:
 
 def _resolve(platform, **kwargs) -> EngineConfig:
     config = EngineConfig(model="m", **kwargs)
-    config.resolve(_HF(), platform.default_dtype(), platform.supported_dtypes(), platform.device_type,
-                   default_block_size=platform.default_block_size(),
-                   supported_block_sizes=platform.supported_block_sizes())
+    config.resolve(_HF(), platform)
     return config
 
 
@@ -86,8 +84,9 @@ def test_block_size_defaults_per_platform(npu):
 
 def test_unsupported_block_size_on_npu_is_refused_at_config(npu):
     from npu_infer.platform import NpuPlatform
-    with pytest.raises(ValueError, match=r"--block-size 16 is not supported on npu: .* pass 128"):
-        _resolve(NpuPlatform(), block_size=16)
+    for bad in (16, 64, 256):  # the kernels take 128 only (npu_attention.BLOCK_SIZE)
+        with pytest.raises(ValueError, match=rf"^--block-size {bad} is not supported on npu: .* pass 128$"):
+            _resolve(NpuPlatform(), block_size=bad)
 
 
 def test_float32_is_refused_on_npu_and_auto_picks_bf16(npu):

@@ -7,12 +7,10 @@ y = acc * (x_scale[m] * w_scale[n]) + bias in fp32, rounded once. W8A16: y = (x 
 The embedding and the LM head are not LinearBase layers: they stay in the model dtype."""
 from __future__ import annotations
 
-import logging
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
 
 INT8_SCHEMES = ("w8a8", "w8a16")
 
@@ -75,17 +73,3 @@ def make_int8(layer: nn.Module, scheme: str, wq: torch.Tensor, scale: torch.Tens
     layer.weight = nn.Parameter(wq, requires_grad=False)
     layer.weight_scale = nn.Parameter(scale.contiguous(), requires_grad=False)
     layer.quant_scheme = scheme
-
-
-def quantize_linears_int8(model: nn.Module, scheme: str) -> int:
-    """Quantize every loaded LinearBase of `model` in place (weight -> int8 + per-channel scale); returns how many."""
-    from npu_infer.models.layers.linear import LinearBase
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LinearBase) and getattr(module, "quant_scheme", None) is None:
-            make_int8(module, scheme, *quantize_weight(module.weight.data))
-            count += 1
-    if count == 0:
-        raise ValueError(f"--quantization {scheme} found no linear layers to quantize in this model")
-    logger.info("quantized %d linear layers to %s", count, scheme)
-    return count

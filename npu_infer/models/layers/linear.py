@@ -1,6 +1,7 @@
 """Linear layers already shaped for tensor parallelism: each knows how to slice its shard while loading."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -8,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from npu_infer.distributed.parallel_state import get_tp_group
-from npu_infer.models.layers.int8_linear import int8_linear
+from npu_infer.models.layers.int8_linear import int8_linear, make_int8, quantize_weight
+
+logger = logging.getLogger(__name__)
 
 
 def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -131,3 +134,16 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self, self.bias if self.tp_rank == 0 else None)
         return get_tp_group().all_reduce(y)
+
+
+def quantize_linears_int8(model: nn.Module, scheme: str) -> int:
+    """Quantize every loaded LinearBase of `model` in place (weight -> int8 + per-channel scale); returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LinearBase) and getattr(module, "quant_scheme", None) is None:
+            make_int8(module, scheme, *quantize_weight(module.weight.data))
+            count += 1
+    if count == 0:
+        raise ValueError(f"--quantization {scheme} found no linear layers to quantize in this model")
+    logger.info("quantized %d linear layers to %s", count, scheme)
+    return count
