@@ -223,6 +223,8 @@ def test_only_the_first_stage_embeds_and_only_the_last_holds_the_norm_and_lm_hea
     from transformers import AutoConfig
 
     from npu_infer.models.llama import Qwen2ForCausalLM
+    from npu_infer.platform import init_platform
+    init_platform("cpu")  # the layers ask this process's platform for their kernels
     monkeypatch.setenv("NPU_INFER_PP_LAYER_PARTITION", "1,1")
     hf = AutoConfig.from_pretrained(tiny_qwen2_dir)
     weights = load_file(tiny_qwen2_dir / "model.safetensors")

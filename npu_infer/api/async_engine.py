@@ -19,7 +19,7 @@ from npu_infer.api.metrics import ServerMetrics
 from npu_infer.engine.llm_engine import LLMEngine
 from npu_infer.outputs import RequestOutput
 from npu_infer.sampling import SamplingParams
-from npu_infer.worker.executor import WorkerProcessError
+from npu_infer.worker.executor_base import WorkerProcessError
 
 logger = logging.getLogger(__name__)
 

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 from npu_infer.config import EngineConfig
+from npu_infer.worker.multiproc_executor import MultiprocExecutor
 from npu_infer.worker.step_io import StepInput, StepOutput
 from npu_infer.worker.worker import Worker
-
-
-class WorkerProcessError(RuntimeError):
-    """A worker process died or failed: the executor cannot run another step (the server exits on it)."""
 
 
 class UniProcExecutor:
@@ -33,5 +30,4 @@ class UniProcExecutor:
 def make_executor(config: EngineConfig):
     if config.world_size == 1:
         return UniProcExecutor(config)
-    from npu_infer.worker.multiproc_executor import MultiprocExecutor
     return MultiprocExecutor(config)

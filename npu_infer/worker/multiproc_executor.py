@@ -37,8 +37,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from npu_infer.config import EngineConfig
+from npu_infer.engine.startup import resolve_engine_config
 from npu_infer.platform import init_platform
-from npu_infer.worker.executor import WorkerProcessError
+from npu_infer.worker.executor_base import WorkerProcessError
 from npu_infer.worker.step_io import StepInput, StepOutput, decode_message, encode_message
 
 logger = logging.getLogger(__name__)
@@ -574,7 +575,6 @@ def worker_main(argv: list[str]) -> int:
     if config.nnodes < 2 or config.node_rank < 1:
         raise SystemExit("npu-infer worker runs the ranks of node 1.. of a multi-node run: pass --nnodes N (>= 2) "
                          "and --node-rank K (1 <= K < N); node 0 runs the server")
-    from npu_infer.engine.startup import resolve_engine_config
     resolve_engine_config(config)  # as LLMEngine resolves it on node 0 (the ranks then check that the results agree)
     check_parallel_config(config)
     ranks, init_method = ranks_of_node(config, config.node_rank), _init_method(config)
