@@ -48,14 +48,14 @@ void check_rows(const char* op, const char* name, const at::Tensor& t, const cha
               " with unit column stride, got sizes ", t.sizes(), " strides ", t.strides());
 }
 
-// A contiguous 1-D [numel] tensor of ids (int64) or lengths (int32).
+// `numel` contiguous ids (int64) or lengths (int32), one per token or sequence.
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
                         int64_t numel) {
   check_cpu(op, name, t);
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype == at::kLong ? "int64" : "int32",
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.is_contiguous() && t.numel() == numel, op, ": ", name,
-              " must be contiguous 1-D [", numel, "], got sizes ", t.sizes(), " strides ", t.strides());
+  TORCH_CHECK(t.is_contiguous() && t.numel() == numel, op, ": ", name, " must be contiguous [", numel,
+              "], got sizes ", t.sizes(), " strides ", t.strides());
 }
 
 // The head-major paged KV cache [2, KVH, blocks, block_size, D], contiguous.

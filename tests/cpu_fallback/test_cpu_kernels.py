@@ -184,7 +184,7 @@ def test_kernels_name_the_argument_that_is_wrong(kernels):
     cases = [
         (lambda: kernels.cache_write(k, k[:, :64], cache, slots), "cache_write: v must have kv_heads \\* head_dim = 128"),
         (lambda: kernels.cache_write(k, k, cache, slots.int()), "cache_write: slots must be int64, got Int"),
-        (lambda: kernels.cache_write(k, k, cache, slots[:1]), "cache_write: slots must be contiguous 1-D \\[2\\]"),
+        (lambda: kernels.cache_write(k, k, cache, slots[:1]), "cache_write: slots must be contiguous \\[2\\]"),
         (lambda: kernels.cache_write(k, k, cache[:, :, :2], slots), "cache_write: cache must be contiguous"),
         (lambda: kernels.cache_write(k.bfloat16(), k, cache, slots), "cache_write: k must have cache's dtype Float"),
         (lambda: kernels.decode_attention(torch.randn(1, 4, 32), cache, tables, lens, 0.1),
@@ -199,7 +199,7 @@ def test_kernels_name_the_argument_that_is_wrong(kernels):
         (lambda: kernels.rms_norm(k, k[:1], torch.ones(128), 1e-6), "rms_norm: residual must be x's shape"),
         (lambda: kernels.silu_and_mul(torch.randn(2, 3)), "silu_and_mul: x must have an even number of columns"),
         (lambda: kernels.rotary_(k, torch.tensor([0]), torch.randn(8, 64), 2, 64),
-         "rotary_: positions must be contiguous 1-D \\[2\\]"),
+         "rotary_: positions must be contiguous \\[2\\]"),
         (lambda: kernels.linear_packed(torch.randn(1, 64), packed, 64, None), "linear_packed: x must be contiguous \\[M, 128\\]"),
         (lambda: kernels.linear_packed(torch.randn(1, 128), packed, 64, torch.zeros(3)),
          "linear_packed: bias must be contiguous \\[64\\]"),
