@@ -19,6 +19,8 @@ from types import ModuleType
 
 import torch
 
+from npu_infer import envs
+
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
@@ -56,7 +58,7 @@ STALE_LOCK_S = 180.0
 
 def build_directory(name: str) -> Path:
     """Where the kernels of this source, torch and CPU are built: TORCH_EXTENSIONS_DIR, else ~/.cache."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+    root = envs.TORCH_EXTENSIONS_DIR or os.path.join(os.path.expanduser("~"), ".cache",
                                                                   "torch_extensions")
     return Path(root) / name
 
@@ -102,7 +104,7 @@ def build_name(flags: set[str], directory: Path = HERE) -> str:
 
 @functools.cache
 def load() -> ModuleType | None:
-    if os.environ.get("NPU_INFER_CPU_KERNELS", "1") == "0":
+    if not envs.NPU_INFER_CPU_KERNELS:
         return None
     flags = cpu_flags()
     missing = [f for f in REQUIRED_FLAGS if f not in flags]
