@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import TYPE_CHECKING
 
 import torch
 
+from npu_infer import envs
 from npu_infer.platform.interface import DeviceUnavailableError, Platform
 from npu_infer.platform.npu_attention import BLOCK_SIZE, NpuAttentionBackend
 from npu_infer.platform.npu_ops import NpuFusedOps
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def _visible_devices_note() -> str:
-    visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    visible = envs.ASCEND_RT_VISIBLE_DEVICES
     return f" (ASCEND_RT_VISIBLE_DEVICES={visible})" if visible is not None else ""
 
 
