@@ -4,8 +4,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from npu_infer.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from npu_infer.engine.detokenizer import IncrementalDetokenizer
+    from npu_infer.engine.logits_rules import RequestLogitsRules
 
 
 class Status(enum.Enum):
@@ -22,6 +27,7 @@ class Request:
     params: SamplingParams
     prompt: str | None = None
     index: int = 0                      # which of the parent's n completions this is
+    parent_id: str = ""                 # the user request it belongs to (its own id when n == 1)
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     token_ids: list[int] = field(default_factory=list)   # prompt + output
@@ -39,9 +45,12 @@ class Request:
     first_token_time: float | None = None
     num_preemptions: int = 0
     priority: int = 0                   # lower runs first under the priority scheduling policy
+    detokenizer: IncrementalDetokenizer | None = field(default=None, repr=False)   # None: no text wanted
+    logits_rules: RequestLogitsRules | None = field(default=None, repr=False)      # None: nothing to mask
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        self.parent_id = self.parent_id or self.request_id
         if self.params.logprobs is not None:
             self.logprobs = []
 
