@@ -21,7 +21,7 @@ from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
 from npu_infer.platform import get_platform, set_current_platform
 from npu_infer.sampling import SamplingParams
 from npu_infer.worker.executor import make_executor
-from npu_infer.worker.step_io import SeqChunk, StepInput
+from npu_infer.worker.step_io import NewRequest, SeqChunk, StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -220,13 +220,14 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched:
             return []
-        chunks = [self._chunk(r, n) for r, n in sched.scheduled]
         masks = None
-        rows = [(r.request_id, r.logits_rules, r.output_token_ids) for c, (r, _) in zip(chunks, sched.scheduled)
-                if c.sample and r.logits_rules is not None]
+        rows = [(r.request_id, r.logits_rules, r.output_token_ids) for r, n in sched.scheduled
+                if r.logits_rules is not None and r.num_computed_tokens + n == r.num_tokens]
         if rows:
             masks = gather_step_masks(rows, self.vocab_size, lambda m, b: self.structured_outputs.fill_bitmask(m, b))
-        step_input = StepInput(chunks, self.scheduler.take_finished_req_ids(), masks)
+        new_requests: list[NewRequest] = []
+        chunks = [self._chunk(r, n, new_requests) for r, n in sched.scheduled]
+        step_input = StepInput(chunks, new_requests, self.scheduler.take_finished_req_ids(), masks)
         result = self.executor.execute(step_input)
         self.stats.num_steps += 1
         self.stats.batch_sizes[len(sched.scheduled)] += 1
@@ -291,14 +292,20 @@ class LLMEngine:
         if rows and first == have:
             parent.prompt_logprobs += self._to_logprob_dicts(rows, parent.prompt_token_ids[first:first + len(rows)])
 
-    def _chunk(self, request: Request, num_new: int) -> SeqChunk:
+    def _chunk(self, request: Request, num_new: int, new_requests: list[NewRequest]) -> SeqChunk:
+        """This step's part of a request, as the workers need it: all its data the first time it is scheduled
+        (and when it resumes after a preemption), then only the new tokens and the new block ids."""
+        if request.num_blocks_on_workers is None:
+            p = request.params
+            history = p.has_penalties or p.prompt_logprobs is not None
+            new_requests.append(NewRequest(request.request_id, p, request.index, request.num_prompt_tokens,
+                                           list(request.token_ids) if history else None))
+            request.num_blocks_on_workers = 0
+        new_block_ids = request.block_ids[request.num_blocks_on_workers:]
+        request.num_blocks_on_workers = len(request.block_ids)
         start = request.num_computed_tokens
-        p = request.params
-        needs_history = p.has_penalties or p.prompt_logprobs is not None
-        return SeqChunk(request.request_id, request.token_ids[start:start + num_new], start, request.block_ids,
-                        start + num_new == request.num_tokens, p, request.index,
-                        request.prompt_token_ids if needs_history else None,
-                        request.output_token_ids if p.has_penalties else None, request.num_prompt_tokens)
+        return SeqChunk(request.request_id, request.token_ids[start:start + num_new], start, new_block_ids,
+                        start + num_new == request.num_tokens)
 
     def _add_logprobs(self, request: Request, token: int, logprob_info: tuple) -> None:
         request.cumulative_logprob += logprob_info[0]  # (chosen, rank, top ids, top values)

@@ -35,6 +35,7 @@ class Request:
     num_cached_tokens: int = 0          # prompt tokens served from the prefix cache
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
+    num_blocks_on_workers: int | None = None  # of block_ids, how many the workers hold; None: not this request
     cache_salt: str | None = None       # prefix-cache isolation: only requests with the same salt share blocks
     logprobs: list | None = None
     prompt_logprobs: list | None = None

@@ -159,6 +159,7 @@ class Scheduler:
         self.blocks.free(request)
         request.status = Status.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_blocks_on_workers = None  # it resumes with new blocks: the workers start it over
         request.num_preemptions += 1
         self.num_preemptions += 1
         if self.policy == "priority":
