@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from npu_infer import LLM, SamplingParams  # noqa: E402
+from npu_infer.worker.multiproc_executor import MultiprocExecutor  # noqa: E402
 from npu_infer.worker.step_io import SeqChunk, StepInput  # noqa: E402
 
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "tp3": (3, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}
@@ -72,7 +73,7 @@ def run_layout(model: str, tp: int, pp: int, args) -> dict:
                   "single_tok_s": args.max_tokens / single_s, "ms_per_step": 1000 * batch_s / batch_steps,
                   "dtype": str(engine.config.torch_dtype).removeprefix("torch.")}
         executor = engine.executor
-        if hasattr(executor, "ping"):  # the message path alone, with a decode step of the batch's size
+        if isinstance(executor, MultiprocExecutor):  # the message path alone, with a decode step of the batch's size
             step = StepInput([SeqChunk(f"r{i}", [5], 40, [], True) for i in range(args.batch)])
             times = []
             for _ in range(200):

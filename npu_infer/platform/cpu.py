@@ -1,15 +1,13 @@
 """CpuPlatform: host memory (cgroup-aware), gloo, plain-torch kernels."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from npu_infer import envs
 from npu_infer.platform import cpu_kernels
 from npu_infer.platform.interface import Platform
-
-_DEFAULT_KV_CAP = 4 * 1024**3  # like vLLM-CPU's VLLM_CPU_KVCACHE_SPACE default; the host also runs the OS
 
 
 def _read_int(path: str) -> int | None:
@@ -83,7 +81,7 @@ class CpuPlatform(Platform):
     def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         """Pack linear weights once: bf16 into oneDNN's blocked layout (1.4-1.6x faster GEMMs here) and, with the
         AVX-512 kernels, bf16 or fp32 into the decode kernel's panels (1.6x / 2.9x faster again at batch 1)."""
-        if os.environ.get("NPU_INFER_CPU_PACK_WEIGHTS", "1") == "0" or dtype not in (torch.bfloat16, torch.float32):
+        if not envs.NPU_INFER_CPU_PACK_WEIGHTS or dtype not in (torch.bfloat16, torch.float32):
             return
         kernels = cpu_kernels.load()
         if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -101,7 +99,7 @@ class CpuPlatform(Platform):
                 module.platform_matmul = CpuPackedLinear(module.weight.detach(), kernels,
                                                          logits=isinstance(module, ParallelLMHead))
         stack = getattr(model, "model", None)
-        if (kernels is not None and os.environ.get("NPU_INFER_CPU_DECODE_STACK", "1") != "0"
+        if (kernels is not None and envs.NPU_INFER_CPU_DECODE_STACK
                 and hasattr(stack, "platform_decode") and CpuDecodeStack.supports(stack, dtype)):
             stack.platform_decode = CpuDecodeStack(stack, kernels)
 
@@ -120,4 +118,4 @@ class CpuPlatform(Platform):
         return CpuOps(kernels)
 
     def default_kv_cache_cap(self) -> int | None:
-        return int(os.environ.get("NPU_INFER_CPU_KV_CACHE_CAP", _DEFAULT_KV_CAP))
+        return envs.NPU_INFER_CPU_KV_CACHE_CAP

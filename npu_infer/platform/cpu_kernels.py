@@ -18,6 +18,8 @@ from types import ModuleType
 
 import torch
 
+from npu_infer import envs
+
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
@@ -55,7 +57,7 @@ STALE_LOCK_S = 180.0
 
 def build_directory(name: str) -> Path:
     """Where the kernels of this source, torch and CPU are built: TORCH_EXTENSIONS_DIR, else ~/.cache."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+    root = envs.TORCH_EXTENSIONS_DIR or os.path.join(os.path.expanduser("~"), ".cache",
                                                                   "torch_extensions")
     return Path(root) / name
 
@@ -84,7 +86,7 @@ def _import_built(name: str, directory: Path) -> ModuleType | None:
 
 @functools.cache
 def load() -> ModuleType | None:
-    if os.environ.get("NPU_INFER_CPU_KERNELS", "1") == "0":
+    if not envs.NPU_INFER_CPU_KERNELS:
         return None
     flags = cpu_flags()
     missing = [f for f in REQUIRED_FLAGS if f not in flags]

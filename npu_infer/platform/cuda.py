@@ -1,10 +1,10 @@
 """CudaPlatform: torch.cuda memory queries, nccl, SDPA attention over the paged cache."""
 from __future__ import annotations
 
-import os
 
 import torch
 
+from npu_infer import envs
 from npu_infer.platform.interface import DeviceUnavailableError, Platform
 
 
@@ -23,7 +23,7 @@ class CudaPlatform(Platform):
     def device(self, local_rank: int = 0) -> torch.device:
         count = torch.cuda.device_count()
         if local_rank >= count:
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            visible = envs.CUDA_VISIBLE_DEVICES
             note = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
             raise DeviceUnavailableError(f"this rank needs cuda:{local_rank} but {count} GPU(s) are visible{note}; "
                                          "lower -tp/-pp or make more GPUs visible")

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import torch
 
+from npu_infer import envs
 from npu_infer.optional_deps import MissingDependencyError, install_command
 from npu_infer.platform.interface import DeviceUnavailableError, Platform
 from npu_infer.platform.npu_attention import BLOCK_SIZE
@@ -31,7 +31,7 @@ def import_torch_npu():
 
 
 def _visible_devices_note() -> str:
-    visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    visible = envs.ASCEND_RT_VISIBLE_DEVICES
     return f" (ASCEND_RT_VISIBLE_DEVICES={visible})" if visible is not None else ""
 
 

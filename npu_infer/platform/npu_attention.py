@@ -30,11 +30,12 @@ Signatures and constraints: torch_npu 2.14.0, recorded in tests/npu_standin/decl
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from npu_infer import envs
 
 if TYPE_CHECKING:
     from npu_infer.worker.context import AttentionMetadata
@@ -51,9 +52,10 @@ TND_HEAD_DIMS = (64, 128)
 
 def choose_prefill_layout(head_dim: int) -> str:
     """TND where the kernel takes this head_dim with a block table, BSH otherwise; $NPU_INFER_NPU_ATTN_LAYOUT wins."""
-    forced = os.environ.get(LAYOUT_ENV, "").strip().upper()
+    raw = envs.NPU_INFER_NPU_ATTN_LAYOUT
+    forced = (raw or "").strip().upper()
     if forced and forced not in ("TND", "BSH"):
-        raise ValueError(f"{LAYOUT_ENV}={os.environ[LAYOUT_ENV]!r} is not a layout; use TND or BSH, or unset it")
+        raise ValueError(f"{LAYOUT_ENV}={raw!r} is not a layout; use TND or BSH, or unset it")
     return forced or ("TND" if head_dim in TND_HEAD_DIMS else "BSH")
 
 # Shared by every layer's backend instance (the model has one per attention layer): one 4 MiB mask per

@@ -1,38 +1,15 @@
-"""Executors: how the engine reaches its workers. One process here; multi-process for TP/PP."""
+"""make_executor: the executor for a config, the one place that knows every kind (executor_base.py: the interface)."""
 from __future__ import annotations
 
 from npu_infer.config import EngineConfig
 from npu_infer.platform import Platform
-from npu_infer.worker.step_io import StepInput, StepOutput
-from npu_infer.worker.worker import Worker
+from npu_infer.worker.executor_base import Executor
+from npu_infer.worker.multiproc_executor import MultiprocExecutor
+from npu_infer.worker.uniproc_executor import UniProcExecutor
 
 
-class WorkerProcessError(RuntimeError):
-    """A worker process died or failed: the executor cannot run another step (the server exits on it)."""
-
-
-class UniProcExecutor:
-    """The single worker lives in the engine's own process."""
-
-    def __init__(self, config: EngineConfig, platform: Platform):
-        self.worker = Worker(config, platform)
-        self.worker.init_device()
-        self.worker.load_model()
-        self.num_blocks = self.worker.determine_num_blocks()
-        self.memory = dict(self.worker.memory)
-
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self.worker.init_kv_cache(num_blocks)
-
-    def execute(self, step: StepInput) -> StepOutput:
-        return self.worker.execute_model(step)
-
-    def shutdown(self) -> None:
-        pass
-
-
-def make_executor(config: EngineConfig, platform: Platform):
+def make_executor(config: EngineConfig, platform: Platform) -> Executor:
+    """One process for a single rank; a process per rank for tensor / pipeline parallelism."""
     if config.world_size == 1:
         return UniProcExecutor(config, platform)
-    from npu_infer.worker.multiproc_executor import MultiprocExecutor
     return MultiprocExecutor(config, platform)

@@ -29,6 +29,7 @@ import time
 import traceback
 import weakref
 from datetime import timedelta
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from types import SimpleNamespace
 
@@ -36,9 +37,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from npu_infer import envs
 from npu_infer.config import EngineConfig
 from npu_infer.platform import Platform
-from npu_infer.worker.executor import WorkerProcessError
+from npu_infer.worker.executor_base import Executor, WorkerProcessError, check_rpc_method
 from npu_infer.worker.step_io import StepInput, StepOutput, decode_message, encode_message
 
 logger = logging.getLogger(__name__)
@@ -234,7 +236,7 @@ class _Channel:
     def _check_same_settings(self, config: EngineConfig, group_ranks: list[int]) -> None:
         """Other nodes parse their own flags: every rank of the group refuses a setting that differs from node 0's."""
         mine = {name: _plain_setting(getattr(config, name)) for name in _SHARED}
-        mine["NPU_INFER_PP_LAYER_PARTITION"] = os.environ.get("NPU_INFER_PP_LAYER_PARTITION")
+        mine["NPU_INFER_PP_LAYER_PARTITION"] = envs.NPU_INFER_PP_LAYER_PARTITION
         everyone = _all_gather_json(mine, self.group, len(group_ranks))
         differ = [f"rank {rank} has {_flag(name)} {value} where node 0 has {everyone[0][name]}"
                   for rank, settings in zip(group_ranks, everyone) for name, value in settings.items()
@@ -253,7 +255,7 @@ class _Channel:
         return self.decode(data)
 
     def reply(self, payload: object) -> None:
-        """Answer a message every local rank answers (ready, init_kv_cache)."""
+        """Answer a message every local rank answers (ready, collective_rpc)."""
         if self.conn is not None:
             self.conn.send(("ok", payload))
 
@@ -286,15 +288,13 @@ def _worker_process(config: EngineConfig, device_type: str, rank: int, local_ran
             method, arg = channel.recv()
             if method == "execute":
                 channel.step_output(worker.execute_model(arg))
-            elif method == "init_kv_cache":
-                worker.init_kv_cache(arg)
-                channel.reply(None)
             elif method == "ping":  # the message path alone, no model: its cost per step
                 channel.step_output(None)
             elif method == "shutdown":
                 break
-            else:
-                raise ValueError(f"unknown message {method!r}")
+            else:  # collective_rpc: every local rank answers
+                check_rpc_method(method)
+                channel.reply(getattr(worker, method)(arg))
     except EOFError:
         os._exit(0)  # the engine is gone: nothing to report to
     except BaseException:
@@ -383,7 +383,7 @@ def _describe_exit(proc) -> str:
 
 
 # ---- the engine's side ----------------------------------------------------------------------------------------
-class MultiprocExecutor:
+class MultiprocExecutor(Executor):
     """Spawns this node's ranks, hands every step to all of them, returns the sampling rank's StepOutput."""
 
     def __init__(self, config: EngineConfig, platform: Platform):
@@ -394,7 +394,8 @@ class MultiprocExecutor:
         self.config = config
         # Limit on one step (seconds): a rank that stops answering (hung collective, SIGSTOP) ends the wait with a
         # WorkerProcessError; 0 waits as long as the step takes, still watching for deaths.
-        self.step_timeout = float(os.environ.get("NPU_INFER_STEP_TIMEOUT", config.step_timeout))
+        timeout = envs.NPU_INFER_STEP_TIMEOUT
+        self.step_timeout = config.step_timeout if timeout is None else timeout
         self.local_ranks = list(ranks_of_node(config, 0))
         self.procs, self.conns = _spawn(_for_workers(config), platform.device_type, 0, _init_method(config),
                                         with_pipes=True)
@@ -418,9 +419,11 @@ class MultiprocExecutor:
                     len(self.procs), config.tensor_parallel_size, config.pipeline_parallel_size, config.nnodes,
                     self.num_blocks)
 
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self._send("init_kv_cache", num_blocks)
-        self._wait(self.conns, "init_kv_cache")
+    def collective_rpc(self, method: str, arg: object = None) -> list:
+        check_rpc_method(method)
+        self._send(method, arg)
+        answers = self._wait(self.conns, method)
+        return [answers[conn] for conn in self.conns]
 
     def execute(self, step: StepInput) -> StepOutput:
         self._send("execute", step)
@@ -435,13 +438,10 @@ class MultiprocExecutor:
     def shutdown(self) -> None:
         self._finalizer()  # runs _stop once; later calls do nothing
 
-    def on_failure(self, callback) -> None:
-        """Call `callback()` (from another thread) when a worker exits between steps; the owner of the engine
-        then calls check_workers() on the engine's thread (the server does, and exits)."""
-        self._on_failure.append(callback)
+    def register_failure_callback(self, callback: Callable[[], None]) -> None:
+        self._on_failure.append(callback)  # called by _watch_workers when a worker exits between steps
 
     def check_workers(self) -> None:
-        """Raise WorkerProcessError, naming the cause, when a worker has exited or reported an error."""
         if self._broken:
             raise WorkerProcessError(self._broken)
         errors = []

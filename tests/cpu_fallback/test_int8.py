@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import cpu_has_kernel_flags
 from npu_infer.models.layers import int8_linear
 from npu_infer.models.layers.int8_linear import make_int8, quantize_weight
 from npu_infer.platform import cpu_kernels, cpu_linear
 from npu_infer.platform.cpu_linear import CpuInt8Linear
 
 FLAGS = cpu_kernels.cpu_flags()
-HAS_KERNELS = all(f in FLAGS for f in cpu_kernels.REQUIRED_FLAGS)
+HAS_KERNELS = cpu_has_kernel_flags()
 HAS_VNNI = HAS_KERNELS and "avx512_vnni" in FLAGS
 needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="this CPU lacks AVX-512 BF16")
 needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="this CPU lacks AVX512-VNNI")
@@ -102,10 +103,10 @@ def test_weight_quantization_is_symmetric_per_output_channel():
 
 @pytest.mark.parametrize("bad", [float("nan"), -1.0, 0.0, float("inf")])
 def test_a_corrupt_scale_is_one_clear_error(bad):
-    from npu_infer.models.layers.linear import ReplicatedLinear
+    from npu_infer.models.layers.linear import ColumnParallelLinear
     from npu_infer.distributed.parallel_state import init_model_parallel
     init_model_parallel(1, 1, 0)
-    layer = ReplicatedLinear(8, 4)
+    layer = ColumnParallelLinear(8, 4)
     scale = torch.ones(4)
     scale[2] = bad
     with pytest.raises(ValueError, match="scales must be finite and positive"):
