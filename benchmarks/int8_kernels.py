@@ -21,7 +21,7 @@ from npu_infer.platform.cpu_linear import CpuInt8Linear, CpuPackedLinear
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # (N, K)
 
 
-def layer_paths(kernels, scheme_limits):
+def layer_paths(kernels):
     g = torch.Generator().manual_seed(0)
     paths = {"bf16": [], "w8a8 kernel": [], "w8a8 onednn": [], "w8a16 kernel": [], "w8a16 onednn": []}
     for n, k in SHAPES.values():
@@ -55,7 +55,7 @@ def main() -> None:
     kernels = cpu_kernels.load()
     if kernels is None:
         raise SystemExit("the CPU kernels are unavailable here")
-    paths = layer_paths(kernels, None)
+    paths = layer_paths(kernels)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per layer (4 linears), best of "
           f"{args.repeats} interleaved rounds")
     print(f"{'rows':>6} " + " ".join(f"{name:>13}" for name in paths) + "   w8a8/bf16 w8a16/bf16")

@@ -148,10 +148,6 @@ async def json_response(response: BaseModel, headers: dict[str, str] | None = No
     return await asyncio.to_thread(lambda: JSONResponse(response.model_dump(mode="json"), headers=headers))
 
 
-def sampling_error(exc: ValueError) -> APIError:
-    return bad_request(str(exc))
-
-
 # ---- running requests ---------------------------------------------------------------------------------------
 async def watch_disconnect(raw: Request, on_disconnect: Callable[[], None]) -> None:
     """Wait for the client to go away (the body has been read, so receive() only reports the disconnect)."""
@@ -237,7 +233,6 @@ class ChoiceCursor:
     text_offset: int = 0
     finished: bool = False
     started: bool = False
-    extra: dict = field(default_factory=dict)
 
     def delta(self, choice: CompletionOutput) -> tuple[str, list[int], list | None]:
         """New text, new token ids and their logprob dicts since the last call."""

@@ -90,11 +90,3 @@ def get_pp_group() -> GroupCoordinator:
     if _PP is None:
         init_model_parallel()
     return _PP
-
-
-def get_tensor_model_parallel_rank() -> int:
-    return get_tp_group().rank_in_group
-
-
-def get_tensor_model_parallel_world_size() -> int:
-    return get_tp_group().world_size

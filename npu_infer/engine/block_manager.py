@@ -126,10 +126,6 @@ class BlockManager:
         request.block_ids = []
         request.block_hashes = []
 
-    def reset_prefix_cache(self) -> None:
-        for block_id in list(self.free_blocks):
-            self._evict(block_id)
-
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:

@@ -38,7 +38,6 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     finished_requests: int = 0
-    failed_requests: int = 0
 
     @property
     def max_batch_size(self) -> int:
@@ -218,9 +217,6 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents)
 
-    def get_num_unfinished_requests(self) -> int:
-        return len(self.parents)
-
     # ---- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
@@ -277,7 +273,6 @@ class LLMEngine:
         logger.error("request %s failed: %s: %s", parent.request_id, type(exc).__name__, exc,
                      exc_info=not isinstance(exc, RequestFailedError))
         self.abort_request(parent.request_id)
-        self.stats.failed_requests += 1
         self.failures[parent.request_id] = exc if isinstance(exc, RequestFailedError) else RequestFailedError(
             f"request {parent.request_id} failed: {type(exc).__name__}: {exc}")
 

@@ -37,7 +37,6 @@ class Request:
     stop_reason: int | str | None = None
     text: str = ""
     first_token_time: float | None = None
-    num_preemptions: int = 0
     priority: int = 0                   # lower runs first under the priority scheduling policy
 
     def __post_init__(self) -> None:

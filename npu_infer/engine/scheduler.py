@@ -88,9 +88,6 @@ class Scheduler:
                        key=lambda k: (self.running[k].priority, self.running[k].arrival_time))
         return len(self.running) - 1
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -140,7 +137,6 @@ class Scheduler:
         self.blocks.free(request)
         request.status = Status.PREEMPTED
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
         self.num_preemptions += 1
         if self.policy == "priority":
             self._insert_by_priority(request)

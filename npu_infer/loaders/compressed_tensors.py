@@ -22,7 +22,6 @@ from npu_infer.config import EngineConfig
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES, make_int8, quantize_weight
 from npu_infer.optional_deps import import_optional
 
-QUANT_METHOD = "compressed-tensors"
 FORMATS = {"w8a8": "int-quantized", "w8a16": "pack-quantized"}
 # HF names of the decoder's linear weights (Llama / Qwen2), the ones quantized.
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.distributed as dist
@@ -187,11 +186,6 @@ class Worker:
     def execute_model(self, step: StepInput) -> StepOutput | None:
         return self.runner.execute(step)
 
-    @property
-    def is_driver_of_sampling(self) -> bool:
-        return get_pp_group().is_last_rank and get_tp_group().is_first_rank
-
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-        os.environ.pop("NPU_INFER_WORKER", None)

@@ -102,10 +102,10 @@ def test_weight_quantization_is_symmetric_per_output_channel():
 
 @pytest.mark.parametrize("bad", [float("nan"), -1.0, 0.0, float("inf")])
 def test_a_corrupt_scale_is_one_clear_error(bad):
-    from npu_infer.models.layers.linear import ReplicatedLinear
+    from npu_infer.models.layers.linear import ColumnParallelLinear
     from npu_infer.distributed.parallel_state import init_model_parallel
     init_model_parallel(1, 1, 0)
-    layer = ReplicatedLinear(8, 4)
+    layer = ColumnParallelLinear(8, 4)
     scale = torch.ones(4)
     scale[2] = bad
     with pytest.raises(ValueError, match="scales must be finite and positive"):

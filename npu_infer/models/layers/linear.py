@@ -52,11 +52,6 @@ def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torc
     return F.linear(x, layer.weight, bias)
 
 
-class ReplicatedLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, output_size, bias, None)
-
-
 class ColumnParallelLinear(LinearBase):
     """Output features split across TP ranks; no communication."""
 
