@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -63,7 +64,8 @@ class ServerProcess:
         raise RuntimeError(f"the server was not ready in {timeout:.0f} s:\n{self.log()[-3000:]}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # stop() closes it; the file stays readable
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
@@ -101,3 +103,27 @@ class ServerProcess:
             if idle or time.monotonic() > deadline:
                 return m
             time.sleep(0.1)
+
+
+class SharedServer:
+    """One server for a module's tests, started when a test first needs it. A test that stops the server `take`s
+    it: the next test that needs one starts a fresh one, so no test has to run last, and -k or any order works."""
+
+    def __init__(self, start: Callable[[], ServerProcess]):
+        self._start = start
+        self._running: ServerProcess | None = None
+
+    def get(self) -> ServerProcess:
+        if self._running is None:
+            self._running = self._start()
+        return self._running
+
+    def take(self) -> ServerProcess:
+        """The server, handed over to a test that stops it (the caller stops it in the end, if the test did not)."""
+        server, self._running = self.get(), None
+        return server
+
+    def stop(self) -> None:
+        if self._running is not None:
+            self._running.stop()
+            self._running = None

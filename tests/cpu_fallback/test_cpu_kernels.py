@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import cpu_has_kernel_flags
 from npu_infer.platform import cpu_kernels
 from npu_infer.platform.torch_attention import TorchAttentionBackend
 from npu_infer.platform.torch_ops import TorchOps
 from npu_infer.worker.context import AttentionMetadata
 
-HAS_FLAGS = all(f in cpu_kernels.cpu_flags() for f in cpu_kernels.REQUIRED_FLAGS)
+HAS_FLAGS = cpu_has_kernel_flags()
 pytestmark = pytest.mark.skipif(not HAS_FLAGS, reason="this CPU lacks AVX-512 BF16: the kernels are never used here")
 DTYPES = [torch.float32, torch.bfloat16]
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import cpu_has_kernel_flags
 from npu_infer.models.layers import int8_linear
 from npu_infer.models.layers.int8_linear import make_int8, quantize_weight
 from npu_infer.platform import cpu_kernels, cpu_linear
 from npu_infer.platform.cpu_linear import CpuInt8Linear
 
 FLAGS = cpu_kernels.cpu_flags()
-HAS_KERNELS = all(f in FLAGS for f in cpu_kernels.REQUIRED_FLAGS)
+HAS_KERNELS = cpu_has_kernel_flags()
 HAS_VNNI = HAS_KERNELS and "avx512_vnni" in FLAGS
 needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="this CPU lacks AVX-512 BF16")
 needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="this CPU lacks AVX512-VNNI")

@@ -4,13 +4,13 @@ With pp=2 the sampling rank lives on node 1, so steps reach it through rank 0's 
 come back through rank 0: the multi-node paths, over the same torch.distributed rendezvous as real nodes."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from api.server_process import free_port
 from conftest import make_tiny_model
 from npu_infer import LLM, SamplingParams
 
@@ -21,12 +21,6 @@ FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "128", "--m
          "--master-addr", "127.0.0.1", "--host", "0.0.0.0", "--port", "8000"]  # server-only flags are ignored
 PROMPTS = [[1, 2, 3, 4, 5], [(5 * j) % 200 + 1 for j in range(37)]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from npu_infer import LLM, SamplingParams
-from api.server_process import REPO, ServerProcess
+from api.server_process import REPO, ServerProcess, SharedServer
 
 ENGINE = dict(device="cpu", dtype="float32", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64,
               kv_cache_memory="32MiB")
@@ -44,9 +44,21 @@ def test_server_at_tp2_exits_with_the_sizes_that_work(smollm2_hf_dir):
 
 
 @pytest.fixture(scope="module")
-def pp2_server(smollm2_hf_dir, tmp_path_factory):
-    server = ServerProcess(["--model", str(smollm2_hf_dir), *FLAGS, "-pp", "2"],
-                           tmp_path_factory.mktemp("pp2") / "server.log", ready_timeout=300)
+def pp2_servers(smollm2_hf_dir, tmp_path_factory):
+    shared = SharedServer(lambda: ServerProcess(["--model", str(smollm2_hf_dir), *FLAGS, "-pp", "2"],
+                                                tmp_path_factory.mktemp("pp2") / "server.log", ready_timeout=300))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def pp2_server(pp2_servers):
+    return pp2_servers.get()
+
+
+@pytest.fixture
+def pp2_server_to_stop(pp2_servers):
+    server = pp2_servers.take()
     yield server
     server.stop()
 
@@ -67,12 +79,12 @@ def test_served_smollm2_at_pp2_answers_like_one_process(smollm2_hf_dir, pp2_serv
         assert choice["logprobs"]["token_logprobs"] == pytest.approx(want, abs=1e-3)
 
 
-def test_killing_a_worker_mid_request_fails_it_and_the_server_exits_non_zero(pp2_server):
-    """Runs last in this module: it ends the module's server. Rank 0 (the first stage) is killed, the rank the
-    engine does not read tokens from, so only watching every worker process can notice it."""
-    pids = re.search(r"worker processes: rank 0 pid (\d+), rank 1 pid (\d+)", pp2_server.log())
-    assert pids, pp2_server.log()[-2000:]
-    r = requests.post(pp2_server.url + "/v1/completions", stream=True, timeout=120, json={
+def test_killing_a_worker_mid_request_fails_it_and_the_server_exits_non_zero(pp2_server_to_stop):
+    """Rank 0 (the first stage) is killed, the rank the engine does not read tokens from, so only watching every
+    worker process can notice it."""
+    pids = re.search(r"worker processes: rank 0 pid (\d+), rank 1 pid (\d+)", pp2_server_to_stop.log())
+    assert pids, pp2_server_to_stop.log()[-2000:]
+    r = requests.post(pp2_server_to_stop.url + "/v1/completions", stream=True, timeout=120, json={
         "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True})
     lines = r.iter_lines()
     assert next(line for line in lines if line.startswith(b"data: {"))
@@ -80,8 +92,8 @@ def test_killing_a_worker_mid_request_fails_it_and_the_server_exits_non_zero(pp2
     os.kill(int(pids.group(1)), signal.SIGKILL)
     rest = b"\n".join(line for line in lines if line)
     assert b"worker rank 0" in rest and b"killed by SIGKILL" in rest  # the request is told why
-    assert pp2_server.proc.wait(60) != 0
+    assert pp2_server_to_stop.proc.wait(60) != 0
     assert time.monotonic() - start < 30
-    log = pp2_server.log()
+    log = pp2_server_to_stop.log()
     assert f"worker rank 0 (pid {pids.group(1)}) was killed by SIGKILL" in log
     assert "error: the engine stopped" in log

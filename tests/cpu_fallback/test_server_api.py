@@ -294,7 +294,7 @@ def test_chat_logprobs_shape(server, client):
         assert [t.logprob for t in item.top_logprobs] == sorted((t.logprob for t in item.top_logprobs), reverse=True)
 
 
-def test_chat_n2(server, client):
+def test_chat_with_n_2_returns_two_choices_and_counts_both(server, client):
     out = client.chat.completions.create(model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=6,
                                          n=2, seed=3, temperature=1.0)
     assert sorted(c.index for c in out.choices) == [0, 1]
@@ -326,7 +326,7 @@ def test_sixteen_concurrent_requests_share_engine_steps(server):
     assert after["npu_infer:kv_cache_blocks_used"] == 0
 
 
-def test_log_lines(server):
+def test_log_has_one_line_per_request_and_the_startup_lines_but_no_engine_stats(server):
     complete(server, prompt=PROMPT, max_tokens=3)
     log = server.log()
     assert "prompt + 3 output tokens" in log  # one line per request

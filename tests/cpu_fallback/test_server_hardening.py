@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from api.server_process import ServerProcess, long_context_copy
+from api.server_process import ServerProcess, SharedServer, long_context_copy
 
 MAX_LEN = 512
 MAX_CONCURRENT = 12
@@ -26,12 +26,24 @@ BOMB = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% e
 
 
 @pytest.fixture(scope="module")
-def server(tiny_chat_model_dir, tmp_path_factory):
+def servers(tiny_chat_model_dir, tmp_path_factory):
     model_dir = long_context_copy(tiny_chat_model_dir, tmp_path_factory.mktemp("tiny-chat-hard"), MAX_LEN)
-    proc = ServerProcess(["--model", str(model_dir), "--served-model-name", "tiny", *FLAGS],
-                         tmp_path_factory.mktemp("server") / "server.log")
-    yield proc
-    proc.stop()
+    shared = SharedServer(lambda: ServerProcess(["--model", str(model_dir), "--served-model-name", "tiny", *FLAGS],
+                                                tmp_path_factory.mktemp("server") / "server.log"))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def server(servers):
+    return servers.get()
+
+
+@pytest.fixture
+def server_to_stop(servers):
+    server = servers.take()
+    yield server
+    server.stop()
 
 
 def post(server, path: str, body: dict, timeout: float = 300) -> requests.Response:
@@ -193,20 +205,20 @@ def test_nothing_left_behind(server):
     assert "Traceback" not in server.log()
 
 
-def test_a_second_sigterm_exits_at_once(server):
-    """Runs last: stops the module's server. Six long streams in a 640-token cache keep the 30 s drain busy; a
-    second SIGTERM aborts them and exits at once, exit code 0."""
+def test_a_second_sigterm_exits_at_once(server_to_stop):
+    """Six long streams in a 640-token cache keep the 30 s drain busy; a second SIGTERM aborts them and exits at
+    once, exit code 0."""
     import signal
-    streams = [requests.post(server.url + "/v1/completions", stream=True, timeout=120, json={
+    streams = [requests.post(server_to_stop.url + "/v1/completions", stream=True, timeout=120, json={
         "prompt": "hi", "max_tokens": 500, "ignore_eos": True, "stream": True}) for _ in range(6)]
     assert all(s.status_code == 200 for s in streams)
-    server.proc.send_signal(signal.SIGTERM)
+    server_to_stop.proc.send_signal(signal.SIGTERM)
     time.sleep(2.0)
-    assert server.proc.poll() is None  # draining
+    assert server_to_stop.proc.poll() is None  # draining
     start = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(20) == 0
+    server_to_stop.proc.send_signal(signal.SIGTERM)
+    assert server_to_stop.proc.wait(20) == 0
     assert time.monotonic() - start < 10
-    assert "Traceback" not in server.log()  # the aborted streams ended, none was cancelled mid-send
+    assert "Traceback" not in server_to_stop.log()  # the aborted streams ended, none was cancelled mid-send
     for s in streams:
         s.close()

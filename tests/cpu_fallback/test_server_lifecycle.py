@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from api.server_process import REPO, ServerProcess
+from api.server_process import REPO, ServerProcess, SharedServer
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -114,13 +114,25 @@ def test_skip_tokenizer_init_serves_token_ids(tiny_llama_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def default_server(smollm2_gguf, tmp_path_factory):
-    proc = ServerProcess(["--device", "cpu", "--max-model-len", "2048", "--kv-cache-memory", "256MiB",
-                          "--max-num-batched-tokens", "1024", "--max-num-seqs", "8", "--disable-log-stats",
-                          "--shutdown-timeout", "15"],
-                         tmp_path_factory.mktemp("server") / "server.log", ready_timeout=600)
-    yield proc
-    proc.stop()
+def default_servers(smollm2_gguf, tmp_path_factory):
+    shared = SharedServer(lambda: ServerProcess(
+        ["--device", "cpu", "--max-model-len", "2048", "--kv-cache-memory", "256MiB", "--max-num-batched-tokens",
+         "1024", "--max-num-seqs", "8", "--disable-log-stats", "--shutdown-timeout", "15"],
+        tmp_path_factory.mktemp("server") / "server.log", ready_timeout=600))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def default_server(default_servers):
+    return default_servers.get()
+
+
+@pytest.fixture
+def default_server_to_stop(default_servers):
+    server = default_servers.take()
+    yield server
+    server.stop()
 
 
 def test_default_model_serves_the_seed_request(default_server):
@@ -145,12 +157,11 @@ def test_default_model_serves_the_seed_request(default_server):
     assert "Paris" in chat["choices"][0]["message"]["content"]
 
 
-def test_sigterm_drains_then_aborts_and_exits_0(default_server):
-    """Runs last in this module: it stops the module's server. SIGTERM stops accepting; a short request in
-    flight finishes normally, a long one streams on until --shutdown-timeout (15 s), then is aborted with an
-    error event saying why; the process exits 0."""
+def test_sigterm_drains_then_aborts_and_exits_0(default_server_to_stop):
+    """SIGTERM stops accepting; a short request in flight finishes normally, a long one streams on until
+    --shutdown-timeout (15 s), then is aborted with an error event saying why; the process exits 0."""
     def stream(max_tokens):
-        r = requests.post(default_server.url + "/v1/completions", stream=True, timeout=120, json={
+        r = requests.post(default_server_to_stop.url + "/v1/completions", stream=True, timeout=120, json={
             "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True, "stream": True})
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith(b"data: {"))
@@ -158,14 +169,14 @@ def test_sigterm_drains_then_aborts_and_exits_0(default_server):
 
     long_lines, short_lines = stream(2000), stream(4)
     start = time.monotonic()
-    default_server.proc.send_signal(signal.SIGTERM)
+    default_server_to_stop.proc.send_signal(signal.SIGTERM)
     short_rest = [line for line in short_lines if line]
     assert short_rest[-1] == b"data: [DONE]" and b'"finish_reason":"length"' in short_rest[-2]  # drained
     long_rest = [line for line in long_lines if line]
     drained_for = time.monotonic() - start
     assert long_rest[-1] == b"data: [DONE]" and b"shutting down" in long_rest[-2]  # aborted, told why, closed
     assert len(long_rest) > 3 and drained_for >= 14  # it kept streaming during the drain
-    assert default_server.proc.wait(60) == 0
+    assert default_server_to_stop.proc.wait(60) == 0
     assert time.monotonic() - start < 60
     with pytest.raises(requests.ConnectionError):
-        requests.get(default_server.url + "/health", timeout=5)
+        requests.get(default_server_to_stop.url + "/health", timeout=5)

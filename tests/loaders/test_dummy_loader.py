@@ -1,19 +1,15 @@
 """--load-format dummy: a real-size model from config.json alone (no tokenizer, no weights), finite logits."""
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 
+from api.server_process import ServerProcess
 from npu_infer import LLM, SamplingParams
 from npu_infer.loaders.dummy_loader import fill_dummy_weights
 
@@ -60,12 +56,6 @@ def test_dummy_weights_are_seeded_and_sane():
     assert not torch.equal(model.proj.weight, first)
 
 
-def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
-
-
 def test_server_with_skip_tokenizer_init_serves_token_ids_like_the_offline_engine(model_dir, tmp_path):
     """`--load-format dummy --skip-tokenizer-init`: the server answers token-id prompts with the same greedy tokens
     and logprobs as the offline engine built from the same config and seed (fp32, one sequence, so no near-tie of
@@ -73,40 +63,22 @@ def test_server_with_skip_tokenizer_init_serves_token_ids_like_the_offline_engin
     pytest.importorskip("npu_infer.api.server")
     common = dict(max_model_len=128, max_num_seqs=1, max_num_batched_tokens=128)
     prompt = [151643, 9707, 11, 1879, 0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "server.log"  # a file, not a pipe: a full pipe would block the server
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "npu_infer.api.server", "--model", str(model_dir), "--load-format", "dummy",
-             "--skip-tokenizer-init", "--device", "cpu", "--dtype", "float32", "--kv-cache-memory", "16MiB",
-             "--max-model-len", "128", "--max-num-seqs", "1", "--max-num-batched-tokens", "128",
-             "--host", "127.0.0.1", "--port", str(port), "--disable-log-requests", "--disable-log-stats"],
-            stdout=out, stderr=subprocess.STDOUT)
+    server = ServerProcess(["--model", str(model_dir), "--load-format", "dummy", "--skip-tokenizer-init", "--device",
+                            "cpu", "--dtype", "float32", "--kv-cache-memory", "16MiB", "--max-model-len", "128",
+                            "--max-num-seqs", "1", "--max-num-batched-tokens", "128", "--disable-log-requests",
+                            "--disable-log-stats"], tmp_path / "server.log", ready_timeout=300)
     try:
         llm = LLM(str(model_dir), load_format="dummy", skip_tokenizer_init=True, device="cpu", dtype="float32",
                   kv_cache_memory="16MiB", **common)
         offline = llm.generate([{"prompt_token_ids": prompt}],
                                SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1))[0].outputs[0]
         del llm
-        base = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"the server exited with {server.returncode}: {log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/models", timeout=5) as response:
-                    name = json.loads(response.read())["data"][0]["id"]
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not start in 300 s"
-                time.sleep(1)
-        reply = _post(f"{base}/completions", {"model": name, "prompt": prompt, "max_tokens": 4, "temperature": 0,
-                                              "ignore_eos": True, "logprobs": 1})
+        name = requests.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+        reply = requests.post(f"{server.url}/v1/completions", timeout=120, json={
+            "model": name, "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "logprobs": 1}).json()
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.stop()
     logprobs = reply["choices"][0]["logprobs"]
     tokens = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
     assert tokens == offline.token_ids

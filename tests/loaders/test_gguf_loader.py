@@ -239,7 +239,7 @@ def test_quantized_roundtrip_matches_transformers(write_tiny_gguf, arch):
         torch.testing.assert_close(t, original[name], rtol=0, atol=0.02, msg=name)
 
 
-def test_dtype_option(write_tiny_gguf):
+def test_gguf_weights_come_out_in_the_requested_dtype(write_tiny_gguf):
     path, _ = write_tiny_gguf("qwen2", quant=False)
     for name, t in iterate_gguf_weights(path, dtype=torch.bfloat16, show_progress=False):
         assert t.dtype == torch.bfloat16, name

@@ -21,7 +21,7 @@ import pytest
 import requests
 import torch
 
-from api.server_process import REPO, ServerProcess, long_context_copy
+from api.server_process import REPO, ServerProcess, SharedServer, long_context_copy
 from npu_infer import LLM, SamplingParams
 
 from . import install, uninstall
@@ -46,9 +46,8 @@ def model_dir(tiny_chat_model_dir, tmp_path_factory):
     return long_context_copy(tiny_chat_model_dir, tmp_path_factory.mktemp("tiny-chat-npu-2k"))
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("npu-server")
+def start_server(model_dir, tmp) -> ServerProcess:
+    """The server on the stand-in; it writes the kernel calls it counted to `calls_file` when it exits."""
     env = {"PYTHONPATH": write_sitecustomize(tmp / "shim"),
            "NPU_STANDIN_TESTS_DIR": TESTS_DIR, "NPU_STANDIN_MEMORY": f"{12 * GiB},{16 * GiB}",
            "NPU_STANDIN_KERNELS": json.dumps(KERNELS), "NPU_STANDIN_CALLS_FILE": str(tmp / "calls.json"),
@@ -56,8 +55,26 @@ def server(model_dir, tmp_path_factory):
            "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = ServerProcess(["--model", str(model_dir), *SERVER_FLAGS], tmp / "server.log", env=env)
     proc.calls_file = tmp / "calls.json"
-    yield proc
-    proc.stop()
+    return proc
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir, tmp_path_factory):
+    shared = SharedServer(lambda: start_server(model_dir, tmp_path_factory.mktemp("npu-server")))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def server(servers):
+    return servers.get()
+
+
+@pytest.fixture
+def server_to_stop(servers):
+    server = servers.take()
+    yield server
+    server.stop()
 
 
 def test_seed_request_is_answered_on_npu(server, model_dir, smollm2_tokenizer):
@@ -95,15 +112,18 @@ def test_greedy_completion_matches_the_offline_engine_on_npu(server, model_dir):
     assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected, abs=1e-4)
 
 
-def test_server_ran_on_the_standin_kernels_and_sized_kv_from_its_memory(server):
-    """Last in the module: stops the server so that the shim writes its kernel counts."""
-    assert server.stop() == 0
-    log = server.log_path.read_text(errors="replace")
+def test_server_ran_on_the_standin_kernels_and_sized_kv_from_its_memory(server_to_stop):
+    """A request with a few decode steps, then the server is stopped so that the shim writes its kernel counts."""
+    response = requests.post(server_to_stop.url + "/v1/completions", timeout=120,
+                             json={"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert server_to_stop.stop() == 0
+    log = server_to_stop.log_path.read_text(errors="replace")
     assert "on npu (dtype bfloat16)" in log
     budget_line = next(line for line in log.splitlines() if "KV budget:" in line and "free at start" in line)
     for text in ("total 16.00 GiB", "free at start 12.00 GiB", "budget 8.00 GiB (x0.50)", "blocks of 128 tokens"):
         assert text in budget_line, (text, budget_line)
-    calls = json.loads(server.calls_file.read_text())
+    calls = json.loads(server_to_stop.calls_file.read_text())
     assert all(calls.get(k) for k in KERNELS), calls
     assert calls["unpinned_copies"] == 0
 

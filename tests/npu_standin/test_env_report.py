@@ -47,7 +47,7 @@ def test_npu_devices_with_their_memory(npu, no_cann, monkeypatch, capsys):
     assert "npu:2" not in out
 
 
-def test_json_output(npu, no_cann, capsys):
+def test_json_report_lists_each_device_with_its_memory_then_the_cpu(npu, no_cann, capsys):
     set_memory(free=3 * GiB, total=32 * GiB)
     env_report.main(["--json"])
     info = json.loads(capsys.readouterr().out)

@@ -140,7 +140,7 @@ def test_bsh_prefill_layout_matches_reference(npu):
 
 @pytest.mark.parametrize("seqs", [[(5, 1), (200, 1), (127, 1)], [(0, 30)], [(128, 3), (0, 1)]],
                          ids=["decode-only", "one-fresh-prefill", "prefix-hit-and-one-token-prefill"])
-def test_other_batches(backend, seqs):
+def test_decode_only_fresh_prefill_and_prefix_hit_batches_match_reference(backend, seqs):
     batch = Batch(seqs)
     torch.testing.assert_close(batch.run(backend).double(), batch.reference(), atol=2e-2, rtol=2e-2)
 
@@ -235,7 +235,7 @@ def _ref_neox(x, positions, cache, d):
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(1)
 
 
-def test_rotary(ops):
+def test_rotary_matches_the_neox_reference_and_leaves_its_inputs_untouched(ops):
     T, d = 7, 32
     cache = _rope_cache(d, 64)  # float32 buffer, as the model registers it
     positions = torch.tensor([0, 1, 2, 30, 31, 63, 5])

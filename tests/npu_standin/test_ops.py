@@ -111,7 +111,7 @@ def test_add_rms_norm(npu, declarations):
     assert rstd.shape == (4, 1)
 
 
-def test_swiglu(npu, declarations):
+def test_swiglu_halves_the_last_dimension_as_the_reference_does(npu, declarations):
     x = torch.randn(3, 2 * 24).to(BF16)
     y = npu.npu_swiglu(x)
     assert isinstance(y, torch.Tensor) and declarations["ops"]["npu_swiglu"]["return_arity"] == 1
@@ -225,7 +225,7 @@ def test_paged_attention_rejections(npu):
 # =========================================================================== rotary
 
 @pytest.mark.parametrize("neox", [True, False])
-def test_rotary(npu, neox):
+def test_rotary_embedding_rotates_q_and_k_in_place_as_the_reference_does(npu, neox):
     T, hq, hk, d, max_pos = 4, 3, 1, 16, 50
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d))
     freqs = torch.outer(torch.arange(max_pos).double(), inv)
