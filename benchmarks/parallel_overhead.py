@@ -74,7 +74,7 @@ def run_layout(model: str, tp: int, pp: int, args) -> dict:
                   "dtype": str(engine.config.torch_dtype).removeprefix("torch.")}
         executor = engine.executor
         if isinstance(executor, MultiprocExecutor):  # the message path alone, with a decode step of the batch's size
-            step = StepInput([SeqChunk(f"r{i}", [5], 40, list(range(3)), True, params) for i in range(args.batch)])
+            step = StepInput([SeqChunk(f"r{i}", [5], 40, [], True) for i in range(args.batch)])
             times = []
             for _ in range(200):
                 t = time.perf_counter()

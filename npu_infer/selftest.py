@@ -121,9 +121,9 @@ def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, firs
 
 def _step(runner: ModelRunner, backend, kv_cache, parts, dtype, device):
     """One attention step over (k_all, v_all, q_all, start, stop, block_ids) per sequence; returns output and meta."""
-    chunks = [SeqChunk(str(i), [0] * (stop - start), start, blocks, False, SamplingParams())
+    chunks = [SeqChunk(str(i), [0] * (stop - start), start, blocks, False)
               for i, (_, _, _, start, stop, blocks) in enumerate(parts)]
-    _, _, meta = runner.prepare(chunks)
+    _, _, meta = runner.prepare(chunks, [blocks for *_, blocks in parts])
     pick = lambda idx: torch.cat([p[idx][p[3]:p[4]] for p in parts]).to(dtype).to(device)  # noqa: E731
     q, k, v = pick(2), pick(0), pick(1)
     scale = HEAD_DIM ** -0.5

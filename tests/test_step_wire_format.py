@@ -8,14 +8,15 @@ import pickle
 import pytest
 
 from npu_infer.sampling import SamplingParams
-from npu_infer.worker.step_io import SeqChunk, StepInput, StepOutput, decode_message, encode_message
+from npu_infer.worker.step_io import NewRequest, SeqChunk, StepInput, StepOutput, decode_message, encode_message
 
 
 def test_step_input_and_output_round_trip():
     params = SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=5, seed=2**63 - 1, stop=["\n", "。"],
                             stop_token_ids=[7], logprobs=3, prompt_logprobs=1, repetition_penalty=1.1)
-    step = StepInput([SeqChunk("r#1", [5, 6], 3, [0, 4], True, params, 1, [1, 2, 3, 5, 6], [9], 5),
-                      SeqChunk("s", [1], 0, [2], False, SamplingParams())], finished_ids=["old"])
+    step = StepInput([SeqChunk("r#1", [5, 6], 3, [0, 4], True), SeqChunk("s", [1], 0, [], False)],
+                     [NewRequest("r#1", params, 1, 3, [1, 2, 3]), NewRequest("s", SamplingParams())],
+                     finished_ids=["old"])
     method, decoded = decode_message(encode_message("execute", step))
     assert method == "execute" and decoded == step
     out = StepOutput(sampled={"r#1": 3}, logprobs={"r#1": (-0.5, 1, [3, 4], [-0.5, float("-inf")])},
@@ -32,8 +33,10 @@ class _Boom:
         return (os.system, ("touch /tmp/npu_infer_wire_pwned",))
 
 
-@pytest.mark.parametrize("data", [pickle.dumps(("execute", _Boom())), b"\x80\x04junk", b'["execute", {"type": "X"}]',
-                                  b'["execute", {"type": "StepInput", "chunks": [{"params": {}}]}]'])
+@pytest.mark.parametrize("data", [
+    pickle.dumps(("execute", _Boom())), b"\x80\x04junk", b'["execute", {"type": "X"}]',
+    b'["execute", {"type": "StepInput", "chunks": [{"params": {}}]}]',
+    b'["execute", {"type": "StepInput", "chunks": [], "new_requests": [{"params": {}}]}]'])
 def test_anything_else_is_refused_unexecuted(data):
     with pytest.raises(ValueError, match="another node"):
         decode_message(data)
@@ -53,9 +56,10 @@ def test_logits_masks_travel_and_grammars_stay_with_the_engine():
     params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+"), logit_bias={5: -100.0})
     masks = LogitsMasks(["r"], np.array([[7, -1]], dtype=np.int32), ["r"], np.array([5], dtype=np.int64),
                         np.array([float("-inf")], dtype=np.float32))
-    _, back = decode_message(encode_message("execute", StepInput([SeqChunk("r", [1], 0, [0], True, params)],
-                                                                 logits_masks=masks)))
-    assert back.chunks[0].params.structured_outputs is None and back.chunks[0].params.logit_bias == {5: -100.0}
+    _, back = decode_message(encode_message("execute", StepInput([SeqChunk("r", [1], 0, [0], True)],
+                                                                 [NewRequest("r", params)], logits_masks=masks)))
+    back_params = back.new_requests[0].params
+    assert back_params.structured_outputs is None and back_params.logit_bias == {5: -100.0}
     m = back.logits_masks
     assert m.bitmask.dtype == np.int32 and m.bitmask.tolist() == [[7, -1]] and m.bias_values[0] == float("-inf")
     assert m.bias_tokens.dtype == np.int64 and m.mask_ids == ["r"] and m.bias_ids == ["r"]

@@ -1,4 +1,5 @@
-"""LLMEngine: schedule -> execute -> sample -> append -> stop checks -> detokenize -> outputs, one step at a time."""
+"""LLMEngine: schedule -> execute (sample) -> the scheduler applies the results (append, detokenize, stop checks,
+free) -> outputs, one step at a time."""
 from __future__ import annotations
 
 import logging
@@ -9,9 +10,9 @@ from pathlib import Path
 
 from npu_infer.config import EngineConfig
 from npu_infer.engine.block_manager import BlockManager
-from npu_infer.engine.detokenizer import IncrementalDetokenizer, find_stop
+from npu_infer.engine.detokenizer import IncrementalDetokenizer
 from npu_infer.engine.logits_rules import RequestLogitsRules, gather_step_masks, make_rules
-from npu_infer.engine.request import Request, Status
+from npu_infer.engine.request import Request
 from npu_infer.engine.scheduler import Scheduler
 from npu_infer.loaders.hf_files import load_hf_config, load_tokenizer
 from npu_infer.generation_config import sampling_defaults
@@ -20,7 +21,7 @@ from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
 from npu_infer.platform import get_platform, set_current_platform
 from npu_infer.sampling import SamplingParams
 from npu_infer.worker.executor import make_executor
-from npu_infer.worker.step_io import SeqChunk, StepInput
+from npu_infer.worker.step_io import NewRequest, SeqChunk, StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -85,16 +86,13 @@ class LLMEngine:
                     capacity / config.max_model_len, time.monotonic() - start)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.scheduling_policy)
-        self.parents: dict[str, ParentRequest] = {}
-        self.requests: dict[str, Request] = {}
-        self.parent_of: dict[str, str] = {}  # child request id -> user request id
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self.finished_since_step: list[str] = []
+                                   config.scheduling_policy, self.eos_token_ids, config.max_model_len)
+        # The one table of live requests: user request id -> its state (each child carries its own detokenizer
+        # and logits rules); an entry leaves when its request finishes, fails or is aborted.
+        self.requests: dict[str, ParentRequest] = {}
         self.failures: dict[str, RequestFailedError] = {}  # user request id -> why it failed (until taken)
         self.stats = EngineStats()
         self.vocab_size = hf_config.vocab_size
-        self.logits_rules: dict[str, RequestLogitsRules] = {}
         self._structured = None  # StructuredOutputManager, made on the first constrained request
 
     @property
@@ -178,90 +176,87 @@ class LLMEngine:
         """`priority`: lower runs first under --scheduling-policy priority (vLLM's meaning); else it must be 0."""
         if priority and self.config.scheduling_policy != "priority":
             raise ValueError(f"priority {priority} needs --scheduling-policy priority; leave it at 0")
-        if request_id in self.parents:
+        if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, prompt_ids = self.tokenize_prompt(prompt)
         if params.truncate_prompt_tokens is not None and len(prompt_ids) > params.truncate_prompt_tokens:
             text, prompt_ids = None, prompt_ids[-params.truncate_prompt_tokens:]  # keep the end, as vLLM
         self.validate(prompt_ids, params)
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-        children = [Request(request_id if params.n == 1 else f"{request_id}#{i}", prompt_ids, params, text, index=i,
-                            cache_salt=salt, priority=priority) for i in range(params.n)]
+        children = []
+        for i in range(params.n):
+            detokenizer = None
+            if self.tokenizer is not None and params.detokenize:
+                detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+            children.append(Request(request_id if params.n == 1 else f"{request_id}#{i}", prompt_ids, params, text,
+                                    index=i, parent_id=request_id, cache_salt=salt, priority=priority,
+                                    detokenizer=detokenizer, logits_rules=self._rules(params, prompt_ids)))
         parent = ParentRequest(request_id, text, prompt_ids, params, children)
         if params.prompt_logprobs is not None:
             parent.prompt_logprobs = [None]
-        self.parents[request_id] = parent
+        self.requests[request_id] = parent
         for child in children:
-            self.requests[child.request_id] = child
-            self.parent_of[child.request_id] = request_id
-            rules = self._rules(params, prompt_ids)
-            if rules is not None:
-                self.logits_rules[child.request_id] = rules
-            if self.tokenizer is not None and params.detokenize:
-                self.detokenizers[child.request_id] = IncrementalDetokenizer(
-                    self.tokenizer, prompt_ids, params.skip_special_tokens)
             self.scheduler.add(child)
         self.stats.prompt_tokens += len(prompt_ids)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request wherever it is; its blocks go back to the pool now."""
-        parent = self.parents.pop(request_id, None)
+        parent = self.requests.pop(request_id, None)
         if parent is None:
             return
         for child in parent.children:
-            self._finish(child, "abort")
-            self.requests.pop(child.request_id, None)
-            self.detokenizers.pop(child.request_id, None)
-            self.parent_of.pop(child.request_id, None)
+            if self.scheduler.finish(child, "abort"):
+                self.stats.finished_requests += 1
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.parents)
+        return bool(self.requests)
 
     # ---- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched:
             return []
-        chunks = [self._chunk(r, n) for r, n in sched.scheduled]
         masks = None
-        if self.logits_rules:
-            masks = gather_step_masks([(c.request_id, self.logits_rules.get(c.request_id), r.output_token_ids)
-                                       for c, (r, _) in zip(chunks, sched.scheduled) if c.sample],
-                                      self.vocab_size, lambda m, b: self.structured_outputs.fill_bitmask(m, b))
-        step_input = StepInput(chunks, self.finished_since_step, masks)
-        self.finished_since_step = []
+        rows = [(r.request_id, r.logits_rules, r.output_token_ids) for r, n in sched.scheduled
+                if r.logits_rules is not None and r.num_computed_tokens + n == r.num_tokens]
+        if rows:
+            masks = gather_step_masks(rows, self.vocab_size, lambda m, b: self.structured_outputs.fill_bitmask(m, b))
+        new_requests: list[NewRequest] = []
+        chunks = [self._chunk(r, n, new_requests) for r, n in sched.scheduled]
+        step_input = StepInput(chunks, new_requests, self.scheduler.take_finished_req_ids(), masks)
         result = self.executor.execute(step_input)
         self.stats.num_steps += 1
         self.stats.batch_sizes[len(sched.scheduled)] += 1
+        update = self.scheduler.update_from_output(sched.scheduled, result)
+        self.stats.finished_requests += len(update.finished)
+        self.stats.generation_tokens += len(update.new_tokens)
+        for request, error in update.failed:
+            parent = self.requests.get(request.parent_id)
+            if parent is not None:
+                self._fail(parent, RequestFailedError(error) if isinstance(error, str) else error)
         touched: dict[str, ParentRequest] = {}
-        now = time.monotonic()
-        for request, num_new in sched.scheduled:
-            if request.is_finished:  # another child of its request failed earlier in this loop
-                continue
-            request.num_computed_tokens += num_new
-            self.block_manager.cache_full_blocks(request)
-            parent = self.parents.get(self.parent_of.get(request.request_id, ""))
-            if parent is None:
+        for request, start, rows in update.prompt_logprobs:
+            parent = self.requests.get(request.parent_id)
+            if parent is not None and request.index == 0:
+                try:
+                    self._add_prompt_logprobs(parent, start, rows)
+                except Exception as exc:  # noqa: BLE001 -- this request's own failure: it alone ends
+                    self._fail(parent, exc)
+        for request, token, logprob_info in update.new_tokens:
+            parent = self.requests.get(request.parent_id)
+            if parent is None:  # failed in this step
                 continue
             try:
-                error = result.errors.get(request.request_id)
-                if error is not None:
-                    raise RequestFailedError(error)
-                if request.request_id in result.prompt_logprobs and request.index == 0:
-                    self._add_prompt_logprobs(parent, request.num_computed_tokens - num_new,
-                                              result.prompt_logprobs[request.request_id])
-                token = result.sampled.get(request.request_id)
-                if token is None:
-                    continue
-                if request.first_token_time is None:
-                    request.first_token_time = now
-                self._append(request, token, result.logprobs.get(request.request_id))
-                touched[parent.request_id] = parent
-            except Exception as exc:  # noqa: BLE001 -- this request's own failure: it alone ends
+                if logprob_info is not None:
+                    self._add_logprobs(request, token, logprob_info)
+            except Exception as exc:  # noqa: BLE001
                 self._fail(parent, exc)
-                touched.pop(parent.request_id, None)
+                continue
+            touched[parent.request_id] = parent
         outputs = []
         for parent in touched.values():
+            if parent.request_id not in self.requests:  # failed after its first child's token
+                continue
             try:
                 outputs.append(self._make_output(parent))
             except Exception as exc:  # noqa: BLE001
@@ -292,65 +287,24 @@ class LLMEngine:
         if rows and first == have:
             parent.prompt_logprobs += self._to_logprob_dicts(rows, parent.prompt_token_ids[first:first + len(rows)])
 
-    def _chunk(self, request: Request, num_new: int) -> SeqChunk:
+    def _chunk(self, request: Request, num_new: int, new_requests: list[NewRequest]) -> SeqChunk:
+        """This step's part of a request, as the workers need it: all its data the first time it is scheduled
+        (and when it resumes after a preemption), then only the new tokens and the new block ids."""
+        if request.num_blocks_on_workers is None:
+            p = request.params
+            history = p.has_penalties or p.prompt_logprobs is not None
+            new_requests.append(NewRequest(request.request_id, p, request.index, request.num_prompt_tokens,
+                                           list(request.token_ids) if history else None))
+            request.num_blocks_on_workers = 0
+        new_block_ids = request.block_ids[request.num_blocks_on_workers:]
+        request.num_blocks_on_workers = len(request.block_ids)
         start = request.num_computed_tokens
-        p = request.params
-        needs_history = p.has_penalties or p.prompt_logprobs is not None
-        return SeqChunk(request.request_id, request.token_ids[start:start + num_new], start, request.block_ids,
-                        start + num_new == request.num_tokens, p, request.index,
-                        request.prompt_token_ids if needs_history else None,
-                        request.output_token_ids if p.has_penalties else None, request.num_prompt_tokens)
+        return SeqChunk(request.request_id, request.token_ids[start:start + num_new], start, new_block_ids,
+                        start + num_new == request.num_tokens)
 
-    def _append(self, request: Request, token: int, logprob_info) -> None:
-        p = request.params
-        request.token_ids.append(token)
-        self.stats.generation_tokens += 1
-        if logprob_info is not None:
-            chosen, rank, ids, vals = logprob_info
-            request.cumulative_logprob += chosen
-            entry = {token: Logprob(chosen, rank, self._decode_one(token))}
-            for rank_i, (tid, val) in enumerate(zip(ids, vals), start=1):
-                entry.setdefault(tid, Logprob(val, rank_i, self._decode_one(tid)))
-            request.logprobs.append(entry)
-        rules = self.logits_rules.get(request.request_id)
-        if rules is not None and not rules.accept(token):
-            # Only when a grammar and another rule disagree (e.g. min_tokens bans the EOS the grammar needs).
-            logger.warning("request %s: token %d breaks its structured output; stopping it", request.request_id,
-                           token)
-            return self._finish(request, "abort")
-        num_out = request.num_tokens - request.num_prompt_tokens
-        new_text = ""
-        detok = self.detokenizers.get(request.request_id)
-        if detok is not None:
-            new_text = detok.step(token)
-            request.text += new_text
-        if num_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return self._finish(request, "stop")
-            if token in p.stop_token_ids:
-                request.stop_reason = token
-                return self._finish(request, "stop")
-            if p.stop_strings and new_text:
-                hit = find_stop(request.text, len(new_text), p.stop_strings)
-                if hit is not None:
-                    stop, index = hit
-                    request.text = request.text[:index + (len(stop) if p.include_stop_str_in_output else 0)]
-                    request.stop_reason = stop
-                    return self._finish(request, "stop")
-        if rules is not None and rules.grammar_finished():
-            return self._finish(request, "stop")
-        if p.max_tokens is not None and num_out >= p.max_tokens:
-            return self._finish(request, "length")
-        if request.num_tokens >= self.config.max_model_len:
-            return self._finish(request, "length")
-
-    def _finish(self, request: Request, reason: str) -> None:
-        if request.status is Status.FINISHED:
-            return
-        self.scheduler.finish(request, reason)
-        self.logits_rules.pop(request.request_id, None)
-        self.finished_since_step.append(request.request_id)
-        self.stats.finished_requests += 1
+    def _add_logprobs(self, request: Request, token: int, logprob_info: tuple) -> None:
+        request.cumulative_logprob += logprob_info[0]  # (chosen, rank, top ids, top values)
+        request.logprobs.append(self._to_logprob_dicts([logprob_info], [token])[0])
 
     def _decode_one(self, token: int) -> str | None:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else None
@@ -375,11 +329,7 @@ class LLMEngine:
                             parent.prompt_logprobs, min(c.num_cached_tokens for c in parent.children),
                             {"arrival_time": parent.arrival_time, "first_token_time": min(first) if first else None})
         if finished:
-            self.parents.pop(parent.request_id, None)
-            for c in parent.children:
-                self.requests.pop(c.request_id, None)
-                self.detokenizers.pop(c.request_id, None)
-                self.parent_of.pop(c.request_id, None)
+            del self.requests[parent.request_id]
         return out
 
     def shutdown(self) -> None:

@@ -4,8 +4,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from npu_infer.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from npu_infer.engine.detokenizer import IncrementalDetokenizer
+    from npu_infer.engine.logits_rules import RequestLogitsRules
 
 
 class Status(enum.Enum):
@@ -22,6 +27,7 @@ class Request:
     params: SamplingParams
     prompt: str | None = None
     index: int = 0                      # which of the parent's n completions this is
+    parent_id: str = ""                 # the user request it belongs to (its own id when n == 1)
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     token_ids: list[int] = field(default_factory=list)   # prompt + output
@@ -29,6 +35,7 @@ class Request:
     num_cached_tokens: int = 0          # prompt tokens served from the prefix cache
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
+    num_blocks_on_workers: int | None = None  # of block_ids, how many the workers hold; None: not this request
     cache_salt: str | None = None       # prefix-cache isolation: only requests with the same salt share blocks
     logprobs: list | None = None
     prompt_logprobs: list | None = None
@@ -38,9 +45,12 @@ class Request:
     text: str = ""
     first_token_time: float | None = None
     priority: int = 0                   # lower runs first under the priority scheduling policy
+    detokenizer: IncrementalDetokenizer | None = field(default=None, repr=False)   # None: no text wanted
+    logits_rules: RequestLogitsRules | None = field(default=None, repr=False)      # None: nothing to mask
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        self.parent_id = self.parent_id or self.request_id
         if self.params.logprobs is not None:
             self.logprobs = []
 

@@ -1,12 +1,19 @@
 """Continuous batching with a token budget: running requests first, then chunks of waiting prefills;
-when blocks run out, the newest running request is preempted and recomputed later."""
+when blocks run out, the newest running request is preempted and recomputed later. Every change of a
+request's state happens here: admitted, preempted, computed, a token appended, stopped, finished."""
 from __future__ import annotations
 
+import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from npu_infer.engine.block_manager import BlockManager
+from npu_infer.engine.detokenizer import find_stop
 from npu_infer.engine.request import Request, Status
+from npu_infer.worker.step_io import StepOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,6 +27,15 @@ class SchedulerOutput:
 
     def __bool__(self) -> bool:
         return bool(self.scheduled)
+
+
+@dataclass
+class StepUpdate:
+    """What one step changed, for the engine to turn into outputs."""
+    new_tokens: list[tuple[Request, int, tuple | None]] = field(default_factory=list)  # (request, token, logprobs)
+    prompt_logprobs: list[tuple[Request, int, list]] = field(default_factory=list)  # (request, first position, rows)
+    failed: list[tuple[Request, str | Exception]] = field(default_factory=list)  # its own computation failed
+    finished: list[Request] = field(default_factory=list)
 
 
 class WaitingQueue:
@@ -61,14 +77,17 @@ class WaitingQueue:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "fcfs"):
+                 policy: str = "fcfs", eos_token_ids: set[int] | None = None, max_model_len: int | None = None):
         self.blocks = block_manager
+        self.eos_token_ids = eos_token_ids or set()
+        self.max_model_len = max_model_len
         self.policy = policy  # "priority": waiting requests by (priority, arrival); the lowest priority gives way
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.finished_req_ids: list[str] = []  # finished since the last step input: the workers drop their state
 
     def add(self, request: Request) -> None:
         if self.policy == "priority":
@@ -137,16 +156,86 @@ class Scheduler:
         self.blocks.free(request)
         request.status = Status.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_blocks_on_workers = None  # it resumes with new blocks: the workers start it over
         self.num_preemptions += 1
         if self.policy == "priority":
             self._insert_by_priority(request)
         else:
             self.waiting.appendleft(request)
 
-    def finish(self, request: Request, reason: str) -> None:
-        """Take a request out wherever it is and give its blocks back."""
+    def update_from_output(self, scheduled: list[tuple[Request, int]], result: StepOutput) -> StepUpdate:
+        """Apply what a step computed: tokens computed, full blocks cached, the sampled token appended (with its
+        text), stop conditions checked, finished requests freed. A request whose own computation failed is
+        reported in `failed` and left to the engine, which ends its whole user request."""
+        update = StepUpdate()
+        now = time.monotonic()
+        for request, num_new in scheduled:
+            request.num_computed_tokens += num_new
+            self.blocks.cache_full_blocks(request)
+            request_id = request.request_id
+            error = result.errors.get(request_id)
+            if error is not None:
+                update.failed.append((request, error))
+                continue
+            rows = result.prompt_logprobs.get(request_id)
+            if rows is not None:
+                update.prompt_logprobs.append((request, request.num_computed_tokens - num_new, rows))
+            token = result.sampled.get(request_id)
+            if token is None:
+                continue
+            if request.first_token_time is None:
+                request.first_token_time = now
+            try:
+                reason = self._append(request, token)
+            except Exception as exc:  # noqa: BLE001 -- this request's own failure (e.g. its detokenizer)
+                update.failed.append((request, exc))
+                continue
+            update.new_tokens.append((request, token, result.logprobs.get(request_id)))
+            if reason is not None:
+                self.finish(request, reason)
+                update.finished.append(request)
+        return update
+
+    def _append(self, request: Request, token: int) -> str | None:
+        """Append a sampled token (to the grammar and the text too); why the request stops here, or None."""
+        p = request.params
+        request.token_ids.append(token)
+        rules = request.logits_rules
+        if rules is not None and not rules.accept(token):
+            # Only when a grammar and another rule disagree (e.g. min_tokens bans the EOS the grammar needs).
+            logger.warning("request %s: token %d breaks its structured output; stopping it", request.request_id,
+                           token)
+            return "abort"
+        new_text = ""
+        if request.detokenizer is not None:
+            new_text = request.detokenizer.step(token)
+            request.text += new_text
+        num_out = request.num_tokens - request.num_prompt_tokens
+        if num_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop"
+            if token in p.stop_token_ids:
+                request.stop_reason = token
+                return "stop"
+            if p.stop_strings and new_text:
+                hit = find_stop(request.text, len(new_text), p.stop_strings)
+                if hit is not None:
+                    stop, index = hit
+                    request.text = request.text[:index + (len(stop) if p.include_stop_str_in_output else 0)]
+                    request.stop_reason = stop
+                    return "stop"
+        if rules is not None and rules.grammar_finished():
+            return "stop"
+        if p.max_tokens is not None and num_out >= p.max_tokens:
+            return "length"
+        if self.max_model_len is not None and request.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def finish(self, request: Request, reason: str) -> bool:
+        """Take a request out wherever it is and give its blocks back; False if it had already finished."""
         if request.status is Status.FINISHED:
-            return
+            return False
         if request.status is Status.RUNNING:
             self.running.remove(request)  # at most max_num_seqs long
         else:
@@ -154,3 +243,10 @@ class Scheduler:
         self.blocks.free(request)
         request.status = Status.FINISHED
         request.finish_reason = reason
+        self.finished_req_ids.append(request.request_id)
+        return True
+
+    def take_finished_req_ids(self) -> list[str]:
+        """Requests finished since the last call: the next step input tells the workers to drop them."""
+        ids, self.finished_req_ids = self.finished_req_ids, []
+        return ids

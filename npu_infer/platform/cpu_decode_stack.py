@@ -1,4 +1,4 @@
-"""Pure decode steps of a Llama / Qwen2 stack in one C++ call (cpu_kernels.cpp's DecodeStack).
+"""Pure decode steps of a Llama / Qwen2 stack in one C++ call (cpu_decode_stack.cpp's DecodeStack).
 
 The Python layers make ~12 module calls and ~7 kernel calls per layer: at batch 1 that is ~3 ms of a 13 ms step.
 DecodeStack makes the same kernel calls in the same order from C++, so its output is bit for bit the Python
@@ -23,16 +23,10 @@ class CpuDecodeStack:
         first = layers[0]
         attn = first.self_attn
         self.layers = layers
-        stacked = lambda linear: linear.platform_matmul.stack_linear(linear.bias)  # noqa: E731
         self.stack = kernels.DecodeStack(
-            [layer.input_layernorm.weight for layer in layers],
-            [layer.post_attention_layernorm.weight for layer in layers],
-            [stacked(layer.self_attn.qkv_proj) for layer in layers],
-            [stacked(layer.self_attn.o_proj) for layer in layers],
-            [stacked(layer.mlp.gate_up_proj) for layer in layers],
-            [stacked(layer.mlp.down_proj) for layer in layers],
-            attn.num_heads, attn.num_kv_heads, attn.attn.head_dim, first.input_layernorm.eps, attn.attn.scale,
-            attn.rotary.cos_sin_cache)
+            layers=[_layer_weights(layer, kernels) for layer in layers], heads=attn.num_heads,
+            kv_heads=attn.num_kv_heads, head_dim=attn.attn.head_dim, eps=first.input_layernorm.eps,
+            scale=attn.attn.scale, cos_sin=attn.rotary.cos_sin_cache)
         self.caches: list[torch.Tensor] | None = None
 
     @staticmethod
@@ -66,3 +60,14 @@ class CpuDecodeStack:
                 return None
             self.caches = caches
         return self.caches
+
+
+def _layer_weights(layer: nn.Module, kernels: ModuleType):
+    """One decoder layer's norms and linears as the C++ stack holds them (a LayerWeights)."""
+    def stacked(linear: nn.Module):
+        return linear.platform_matmul.stack_linear(linear.bias)
+
+    return kernels.LayerWeights(
+        input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+        qkv=stacked(layer.self_attn.qkv_proj), o_proj=stacked(layer.self_attn.o_proj),
+        gate_up=stacked(layer.mlp.gate_up_proj), down=stacked(layer.mlp.down_proj))

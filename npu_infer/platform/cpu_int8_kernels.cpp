@@ -205,21 +205,24 @@ void linear_w8a16_impl(const at::Tensor& out, const at::Tensor& x, const at::Ten
 void check_int8_weight(const at::Tensor& packed, const at::Tensor& w_scale, int64_t group, int64_t n, const char* op) {
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == 64 &&
               packed.size(3) == group && packed.is_contiguous() && packed.size(0) * 64 >= n, op,
-              ": the weight must be what pack_int8 returned (group ", group, ")");
+              ": packed must be what pack_int8 returned (group ", group, ") for n = ", n, " rows, got ",
+              packed.scalar_type(), " sizes ", packed.sizes());
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() >= packed.size(0) * 64,
-              op, ": w_scale fp32 [>= panels * 64]");
+              op, ": w_scale must be contiguous fp32 [>= ", packed.size(0) * 64, "] (whole panels), got ",
+              w_scale.scalar_type(), " sizes ", w_scale.sizes());
 }
 
 void check_bias(const c10::optional<at::Tensor>& bias, int64_t n, const char* op) {
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() >= n), op,
-              ": bias fp32 [N]");
+              ": bias must be contiguous fp32 [", n, "], got ", bias->scalar_type(), " sizes ", bias->sizes());
 }
 
 }  // namespace
 
 at::Tensor pack_int8(const at::Tensor& weight, int64_t group) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && (group == 2 || group == 4),
-              "pack_int8: int8 weight [N, K], group 2 or 4");
+              "pack_int8: weight must be int8 [N, K] and group 2 or 4, got ", weight.scalar_type(), " sizes ",
+              weight.sizes(), ", group ", group);
   const int64_t n = weight.size(0), k = weight.size(1), kp = (k + group - 1) / group * group, panels = (n + 63) / 64;
   at::Tensor padded = at::zeros({panels * 64, kp}, weight.options());
   padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
@@ -227,7 +230,10 @@ at::Tensor pack_int8(const at::Tensor& weight, int64_t group) {
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, int64_t k_padded) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && k_padded >= x.size(1), "quantize_per_token: x [M, K], unit column stride");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && k_padded >= x.size(1), "quantize_per_token: x must be 2-D [M, K <= ",
+              k_padded, "] with unit column stride, got sizes ", x.sizes(), " strides ", x.strides());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "quantize_per_token: x must be bfloat16 or float32, got ", x.scalar_type());
   at::Tensor q = at::empty({x.size(0), k_padded}, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   if (is_bf16(x)) quantize_impl<bf16>(x, q, scale);
@@ -241,12 +247,16 @@ at::Tensor linear_w8a8_quantized(const at::Tensor& xq, const at::Tensor& x_scale
   check_int8_weight(packed, w_scale, 4, n, "linear_w8a8");
   check_bias(bias, n, "linear_w8a8");
   TORCH_CHECK(xq.scalar_type() == at::kChar && xq.dim() == 2 && xq.is_contiguous() && xq.size(1) == packed.size(1) * 4,
-              "linear_w8a8: xq int8 [M, K padded to 4], contiguous");
+              "linear_w8a8: xq must be contiguous int8 [M, ", packed.size(1) * 4, "] (K padded to 4), got ",
+              xq.scalar_type(), " sizes ", xq.sizes());
   TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == xq.size(0),
-              "linear_w8a8: x_scale fp32 [M]");
+              "linear_w8a8: x_scale must be contiguous fp32 [", xq.size(0), "], got ", x_scale.scalar_type(),
+              " sizes ", x_scale.sizes());
   TORCH_CHECK(w_comp.scalar_type() == at::kInt && w_comp.is_contiguous() && w_comp.numel() >= packed.size(0) * 64,
-              "linear_w8a8: w_comp int32 [>= panels * 64]");
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, "linear_w8a8: output bf16 or fp32");
+              "linear_w8a8: w_comp must be contiguous int32 [>= ", packed.size(0) * 64, "] (whole panels), got ",
+              w_comp.scalar_type(), " sizes ", w_comp.sizes());
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, "linear_w8a8: out_dtype must be bfloat16 or float32, got ",
+              out_dtype);
   at::Tensor out = at::empty({xq.size(0), n}, xq.options().dtype(out_dtype));
   if (out_dtype == at::kFloat) linear_w8a8_impl<float>(out, xq, x_scale, packed, w_scale, w_comp, n, bias);
   else linear_w8a8_impl<bf16>(out, xq, x_scale, packed, w_scale, w_comp, n, bias);
@@ -255,7 +265,9 @@ at::Tensor linear_w8a8_quantized(const at::Tensor& xq, const at::Tensor& x_scale
 
 at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
                        const at::Tensor& w_comp, int64_t n, const c10::optional<at::Tensor>& bias, bool fp32_out) {
-  TORCH_CHECK(packed.dim() == 4 && x.dim() == 2 && x.size(1) <= packed.size(1) * 4, "linear_w8a8: x [M, K] for this weight");
+  TORCH_CHECK(packed.dim() == 4, "linear_w8a8: packed must be what pack_int8 returned, got sizes ", packed.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= packed.size(1) * 4, "linear_w8a8: x must be 2-D [M, K <= ",
+              packed.size(1) * 4, "] (the weight's K), got sizes ", x.sizes());
   auto [xq, x_scale] = quantize_per_token(x, packed.size(1) * 4);
   return linear_w8a8_quantized(xq, x_scale, packed, w_scale, w_comp, n, bias,
                                fp32_out ? at::kFloat : x.scalar_type());
@@ -266,7 +278,8 @@ at::Tensor linear_w8a16(const at::Tensor& x, const at::Tensor& packed, const at:
   check_int8_weight(packed, w_scale, 2, n, "linear_w8a16");
   check_bias(bias, n, "linear_w8a16");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) == packed.size(1) * 2,
-              "linear_w8a16: x bf16 [M, K] contiguous (K even)");
+              "linear_w8a16: x must be contiguous bfloat16 [M, ", packed.size(1) * 2, "] (the weight's K, even), got ",
+              x.scalar_type(), " sizes ", x.sizes());
   at::Tensor out = at::empty({x.size(0), n}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
   if (fp32_out) linear_w8a16_impl<float>(out, x, packed, w_scale, n, bias);
   else linear_w8a16_impl<bf16>(out, x, packed, w_scale, n, bias);

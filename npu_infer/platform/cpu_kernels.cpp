@@ -1,28 +1,72 @@
 // AVX-512 kernels for the CPU backend's decode path: the few ops where plain torch pays for dispatch,
-// extra passes over memory or a gather copy. Built on first use by npu_infer/platform/cpu_kernels.py
-// (needs AVX-512 F/BW/VL and AVX512_BF16); every op has a plain-torch twin that the tests compare against.
+// extra passes over memory or a gather copy. Declared in cpu_kernels.h, bound to Python in cpu_module.cpp and
+// built on first use by npu_infer/platform/cpu_kernels.py (needs AVX-512 F/BW/VL and AVX512_BF16); every op has a
+// plain-torch twin that the tests compare against.
 //
 // Tensors: bf16 or fp32, row-major. Accumulation is fp32 everywhere; bf16 results are rounded once
 // (round to nearest even), except where a comment says the torch twin rounds an intermediate too.
-#include <ATen/ATen.h>
-#include <torch/python.h>  // pybind11 with the tensor casters; lighter than torch/extension.h (all of libtorch)
+#include "cpu_kernels.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-
-#include "cpu_simd.h"
-#include "cpu_int8_kernels.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <string>
 #include <type_traits>
 #include <vector>
 
-namespace {
+#include "cpu_simd.h"
+
+namespace npu_infer_kernels {
 
 using namespace npu_infer_simd;
 
+namespace {
+
+// Argument checks: each message names the kernel, the argument and what it must be, then what it got.
+void check_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat, op, ": ", name,
+              " must be bfloat16 or float32, got ", t.scalar_type());
+}
+
+void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* like_name,
+                      const at::Tensor& like) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have ", like_name, "'s dtype ",
+              like.scalar_type(), ", got ", t.scalar_type());
+}
+
+// A 2-D [rows, columns] tensor whose columns are adjacent in memory (any row stride).
+void check_rows(const char* op, const char* name, const at::Tensor& t, const char* shape) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, op, ": ", name, " must be 2-D ", shape,
+              " with unit column stride, got sizes ", t.sizes(), " strides ", t.strides());
+}
+
+// `numel` contiguous ids (int64) or lengths (int32), one per token or sequence.
+void check_index_tensor(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
+                        int64_t numel) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype == at::kLong ? "int64" : "int32",
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous() && t.numel() == numel, op, ": ", name, " must be contiguous [", numel,
+              "], got sizes ", t.sizes(), " strides ", t.strides());
+}
+
+// The head-major paged KV cache [2, KVH, blocks, block_size, D], contiguous.
+void check_cache(const char* op, const at::Tensor& cache) {
+  check_float(op, "cache", cache);
+  TORCH_CHECK(cache.dim() == 5 && cache.size(0) == 2 && cache.is_contiguous(), op,
+              ": cache must be contiguous [2, kv_heads, blocks, block_size, head_dim], got sizes ", cache.sizes(),
+              " strides ", cache.strides());
+}
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------------
 // RMSNorm, optionally after `residual += x` (written back to residual). As transformers' LlamaRMSNorm:
@@ -65,10 +109,16 @@ void rms_norm_impl(const at::Tensor& out, const at::Tensor& x, const c10::option
 
 at::Tensor rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
                     double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && weight.is_contiguous() && weight.numel() == x.size(1) &&
-              weight.scalar_type() == x.scalar_type(), "rms_norm: x [rows, hidden] with unit column stride, weight [hidden]");
-  TORCH_CHECK(!residual || (residual->sizes() == x.sizes() && residual->stride(1) == 1 &&
-              residual->scalar_type() == x.scalar_type()), "rms_norm: residual must match x");
+  check_float("rms_norm", "x", x);
+  check_rows("rms_norm", "x", x, "[rows, hidden]");
+  check_same_dtype("rms_norm", "weight", weight, "x", x);
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "rms_norm: weight must be contiguous [",
+              x.size(1), "] (x's hidden size), got sizes ", weight.sizes(), " strides ", weight.strides());
+  if (residual) {
+    check_same_dtype("rms_norm", "residual", *residual, "x", x);
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->stride(1) == 1, "rms_norm: residual must be x's shape ",
+                x.sizes(), " with unit column stride, got sizes ", residual->sizes(), " strides ", residual->strides());
+  }
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (is_bf16(x)) rms_norm_impl<bf16>(out, x, residual, weight, eps);
   else rms_norm_impl<float>(out, x, residual, weight, eps);
@@ -97,7 +147,10 @@ void silu_and_mul_impl(const at::Tensor& out, const at::Tensor& x) {
 }
 
 at::Tensor silu_and_mul(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "silu_and_mul: x [rows, 2 * I]");
+  check_float("silu_and_mul", "x", x);
+  check_rows("silu_and_mul", "x", x, "[rows, 2 * intermediate]");
+  TORCH_CHECK(x.size(1) % 2 == 0, "silu_and_mul: x must have an even number of columns (gate, then up), got ",
+              x.size(1));
   at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
   if (is_bf16(x)) silu_and_mul_impl<bf16>(out, x);
   else silu_and_mul_impl<float>(out, x);
@@ -115,7 +168,9 @@ void rotary_impl(const at::Tensor& qkv, const at::Tensor& positions, const at::T
   const int64_t* pos = positions.data_ptr<int64_t>();
   const float* table = cos_sin.data_ptr<float>();
   const int64_t max_pos = cos_sin.size(0);
-  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "rotary_: position ", pos[t], " outside the table");
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "rotary_: positions[", t, "] = ", pos[t],
+                " is outside the table of ", max_pos, " positions (cos_sin)");
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* cosp = table + pos[t] * head_dim;
@@ -138,17 +193,24 @@ void rotary_impl(const at::Tensor& qkv, const at::Tensor& positions, const at::T
 
 void rotary_(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos_sin, int64_t rot_heads,
              int64_t head_dim) {
-  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) >= rot_heads * head_dim &&
-              positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == qkv.size(0) &&
-              cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() && cos_sin.size(1) == head_dim,
-              "rotary_: qkv [T, >= heads * D], positions [T] int64, cos_sin [max_pos, D] float32");
+  check_float("rotary_", "qkv", qkv);
+  check_rows("rotary_", "qkv", qkv, "[tokens, >= rot_heads * head_dim]");
+  TORCH_CHECK(rot_heads >= 0 && head_dim > 0 && head_dim % 2 == 0, "rotary_: head_dim must be even and positive, "
+              "rot_heads not negative, got head_dim ", head_dim, ", rot_heads ", rot_heads);
+  TORCH_CHECK(qkv.size(1) >= rot_heads * head_dim, "rotary_: qkv must have at least rot_heads * head_dim = ",
+              rot_heads * head_dim, " columns, got ", qkv.size(1));
+  check_index_tensor("rotary_", "positions", positions, at::kLong, qkv.size(0));
+  check_cpu("rotary_", "cos_sin", cos_sin);
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.dim() == 2 && cos_sin.is_contiguous() &&
+              cos_sin.size(1) == head_dim, "rotary_: cos_sin must be contiguous float32 [max_positions, ", head_dim,
+              "], got ", cos_sin.scalar_type(), " sizes ", cos_sin.sizes());
   if (is_bf16(qkv)) rotary_impl<bf16>(qkv, positions, cos_sin, rot_heads, head_dim);
   else rotary_impl<float>(qkv, positions, cos_sin, rot_heads, head_dim);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Paged KV cache, head-major: cache [2, KVH, blocks, block_size, D]. Writes k/v rows [T, KVH * D] (row
-// stride free) at slot_mapping (block * block_size + offset; negative = skip).
+// stride free) at slot_mapping (block * block_size + offset), every slot checked by cache_write first.
 template <typename T>
 void cache_write_impl(const at::Tensor& k, const at::Tensor& v, const at::Tensor& cache, const at::Tensor& slots) {
   const int64_t tokens = k.size(0), kv_heads = cache.size(1), head_dim = cache.size(4);
@@ -160,7 +222,6 @@ void cache_write_impl(const at::Tensor& k, const at::Tensor& v, const at::Tensor
   const size_t bytes = head_dim * sizeof(T);
   at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      if (sp[t] < 0) continue;
       for (int64_t h = 0; h < kv_heads; ++h) {
         T* dst = cp + h * head_stride + sp[t] * head_dim;
         std::memcpy(dst, kp + t * k.stride(0) + h * head_dim, bytes);
@@ -171,8 +232,24 @@ void cache_write_impl(const at::Tensor& k, const at::Tensor& v, const at::Tensor
 }
 
 void cache_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& cache, const at::Tensor& slots) {
-  TORCH_CHECK(cache.is_contiguous() && k.stride(1) == 1 && v.stride(1) == 1 && slots.scalar_type() == at::kLong &&
-              k.scalar_type() == cache.scalar_type() && v.scalar_type() == cache.scalar_type(), "cache_write: bad arguments");
+  check_cache("cache_write", cache);
+  const int64_t width = cache.size(1) * cache.size(4), num_slots = cache.size(2) * cache.size(3);
+  auto check_rows_of = [&](const char* name, const at::Tensor& t) {
+    check_same_dtype("cache_write", name, t, "cache", cache);
+    check_rows("cache_write", name, t, "[tokens, kv_heads * head_dim]");
+    TORCH_CHECK(t.size(1) == width, "cache_write: ", name, " must have kv_heads * head_dim = ", width,
+                " columns (the cache's), got ", t.size(1));
+  };
+  check_rows_of("k", k);
+  check_rows_of("v", v);
+  TORCH_CHECK(v.size(0) == k.size(0), "cache_write: v must have k's ", k.size(0), " rows, got ", v.size(0));
+  check_index_tensor("cache_write", "slots", slots, at::kLong, k.size(0));
+  // Like the torch twin's index_copy_, an id outside the cache is an IndexError; here before any write.
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slots.numel(); ++t)
+    TORCH_CHECK_INDEX(sp[t] >= 0 && sp[t] < num_slots, "cache_write: slots[", t, "] = ", sp[t],
+                      " is outside the cache's ", num_slots, " slots (", cache.size(2), " blocks of ", cache.size(3),
+                      ")");
   if (is_bf16(cache)) cache_write_impl<bf16>(k, v, cache, slots);
   else cache_write_impl<float>(k, v, cache, slots);
 }
@@ -224,10 +301,7 @@ void decode_attention_impl(const at::Tensor& out, const at::Tensor& q, const at:
   const float fscale = static_cast<float>(scale);
   // Few items (batch 1): no point waking a second thread for microseconds of work on short contexts.
   int64_t total = 0;
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(lens[b] > 0 && lens[b] <= block_tables.size(1) * block_size, "decode_attention: bad sequence length");
-    total += lens[b];
-  }
+  for (int64_t b = 0; b < batch; ++b) total += lens[b];  // lengths and block ids checked by decode_attention
   const int64_t grain = total * kv_heads < 4096 ? batch * kv_heads : 1;
   at::parallel_for(0, batch * kv_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -281,11 +355,37 @@ void decode_attention_impl(const at::Tensor& out, const at::Tensor& q, const at:
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) && cache.is_contiguous() &&
-              block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
-              block_tables.stride(1) == 1 && seq_lens.is_contiguous() && q.scalar_type() == cache.scalar_type(),
-              "decode_attention: bad arguments");
-  TORCH_CHECK(q.size(1) % cache.size(1) == 0, "decode_attention: heads must be a multiple of KV heads");
+  check_float("decode_attention", "q", q);
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "decode_attention: q must be "
+              "[sequences, heads, head_dim] with each row's heads contiguous, got sizes ", q.sizes(), " strides ",
+              q.strides());
+  check_cache("decode_attention", cache);
+  check_same_dtype("decode_attention", "cache", cache, "q", q);
+  const int64_t batch = q.size(0), num_blocks = cache.size(2), block_size = cache.size(3);
+  TORCH_CHECK(cache.size(4) == q.size(2), "decode_attention: cache must have q's head_dim ", q.size(2), ", got ",
+              cache.size(4));
+  TORCH_CHECK(cache.size(1) > 0 && q.size(1) % cache.size(1) == 0, "decode_attention: q's ", q.size(1),
+              " heads must be a multiple of the cache's ", cache.size(1), " KV heads");
+  check_cpu("decode_attention", "block_tables", block_tables);
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.stride(1) == 1 &&
+              block_tables.size(0) == batch, "decode_attention: block_tables must be int32 [", batch,
+              ", max_blocks] with unit column stride, got ", block_tables.scalar_type(), ", sizes ",
+              block_tables.sizes(), " strides ", block_tables.strides());
+  check_index_tensor("decode_attention", "seq_lens", seq_lens, at::kInt, batch);
+  // Every block a sequence reads must be in the cache: like the torch twin's index_select, an IndexError.
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int64_t max_len = block_tables.size(1) * block_size;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] > 0 && lens[b] <= max_len, "decode_attention: seq_lens[", b, "] = ", lens[b],
+                " must be in 1..", max_len, " (block_tables has ", block_tables.size(1), " blocks of ", block_size,
+                " tokens per sequence)");
+    for (int64_t blk = 0; blk * block_size < lens[b]; ++blk) {
+      const int32_t id = bt[b * block_tables.stride(0) + blk];
+      TORCH_CHECK_INDEX(id >= 0 && id < num_blocks, "decode_attention: block_tables[", b, ", ", blk, "] = ", id,
+                        " is outside the cache's ", num_blocks, " blocks");
+    }
+  }
   at::Tensor out = at::empty(q.sizes(), q.options());
   const int64_t d = q.size(2);
   const bool bf16_q = is_bf16(q);
@@ -307,9 +407,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const 
 // x[m, 2k..2k+1] . W[n, 2k..2k+1] for 16 rows n at once; fp32: one FMA of a broadcast x[m, k]. No horizontal
 // sums, and each thread streams one contiguous stretch of the weights (at small M the GEMV is memory-bound).
 at::Tensor pack_linear(const at::Tensor& weight) {
-  const bool is_bf16_weight = is_bf16(weight);
-  const int64_t pairs = is_bf16_weight ? 2 : 1;
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) % pairs == 0, "pack_linear: weight [N, K] (even K for bf16)");
+  check_float("pack_linear", "weight", weight);
+  const int64_t pairs = is_bf16(weight) ? 2 : 1;
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) % pairs == 0, "pack_linear: weight must be 2-D [N, K] (K even "
+              "for bfloat16), got ", weight.scalar_type(), " sizes ", weight.sizes());
   const int64_t n = weight.size(0), k = weight.size(1), panels = (n + 63) / 64;
   at::Tensor padded = at::zeros({panels * 64, k}, weight.options());
   padded.narrow(0, 0, n).copy_(weight);
@@ -360,12 +461,21 @@ void linear_packed_impl(const at::Tensor& out, const at::Tensor& x, const at::Te
 // fp32_out: keep the fp32 accumulator (logits: bf16 would round them to steps of 1/8 near 20, making ties).
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n,
                          const c10::optional<at::Tensor>& bias, bool fp32_out) {
+  check_float("linear_packed", "packed", packed);
   const bool bf16_weights = is_bf16(packed);
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == packed.scalar_type() && packed.dim() == 4 &&
-              packed.size(1) * packed.size(3) == x.size(1) && packed.size(2) == 64 && packed.size(0) * 64 >= n,
-              "linear_packed: x [M, K] contiguous, of the dtype of the [N, K] weight that pack_linear packed");
-  TORCH_CHECK(!bias || (bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == n),
-              "linear_packed: bias [N] of x's dtype");
+  TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.size(2) == 64 &&
+              packed.size(3) == (bf16_weights ? 2 : 1) && n >= 0 && packed.size(0) * 64 >= n,
+              "linear_packed: packed must be what pack_linear returned for an [n = ", n, ", K] weight, got sizes ",
+              packed.sizes());
+  check_same_dtype("linear_packed", "x", x, "packed", packed);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == packed.size(1) * packed.size(3),
+              "linear_packed: x must be contiguous [M, ", packed.size(1) * packed.size(3), "] (the weight's K), got "
+              "sizes ", x.sizes(), " strides ", x.strides());
+  if (bias) {
+    check_same_dtype("linear_packed", "bias", *bias, "x", x);
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == n, "linear_packed: bias must be contiguous [", n,
+                "], got sizes ", bias->sizes());
+  }
   const bool out_fp32 = fp32_out || !bf16_weights;
   at::Tensor out = at::empty({x.size(0), n}, x.options().dtype(out_fp32 ? at::kFloat : at::kBFloat16));
   if (!bf16_weights) linear_packed_impl<float, float>(out, x, packed, n, bias);
@@ -374,93 +484,4 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
   return out;
 }
 
-// ---------------------------------------------------------------------------------------------------
-// A Llama / Qwen2 decoder stack for pure decode steps, run layer after layer in C++ with the kernels above:
-// the same calls in the same order as the Python layers make through CpuOps / CpuAttentionBackend /
-// CpuPackedLinear (so the same bits out), minus ~100 us of Python and dispatch per layer.
-// One linear of the decode stack, as the Python layer's platform_matmul holds it: a weight pack_linear packed
-// (scheme ""), or an int8 one with its fp32 scales and, for w8a8, its compensation sums (cpu_int8_kernels.h).
-// The bias is the one that layer's call passes: of x's dtype for "", fp32 for the int8 schemes.
-struct StackLinear {
-  std::string scheme;
-  at::Tensor packed;
-  int64_t n;
-  c10::optional<at::Tensor> bias, scale, comp;
-
-  at::Tensor operator()(const at::Tensor& x) const {
-    if (scheme.empty()) return linear_packed(x, packed, n, bias, false);
-    if (scheme == "w8a8") return npu_infer_int8::linear_w8a8(x, packed, *scale, *comp, n, bias, false);
-    return npu_infer_int8::linear_w8a16(x, packed, *scale, n, bias, false);
-  }
-};
-
-class DecodeStack {
- public:
-  DecodeStack(std::vector<at::Tensor> input_norms, std::vector<at::Tensor> post_norms, std::vector<StackLinear> qkv,
-              std::vector<StackLinear> o_proj, std::vector<StackLinear> gate_up, std::vector<StackLinear> down,
-              int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, double scale, at::Tensor cos_sin)
-      : input_norms_(std::move(input_norms)), post_norms_(std::move(post_norms)), qkv_(std::move(qkv)),
-        o_proj_(std::move(o_proj)), gate_up_(std::move(gate_up)), down_(std::move(down)), heads_(heads),
-        kv_heads_(kv_heads), head_dim_(head_dim), eps_(eps), scale_(scale), cos_sin_(std::move(cos_sin)) {
-    const size_t n = input_norms_.size();
-    TORCH_CHECK(post_norms_.size() == n && qkv_.size() == n && o_proj_.size() == n && gate_up_.size() == n &&
-                down_.size() == n, "DecodeStack: one entry per layer");
-  }
-
-  // hidden [M, hidden] (the embeddings; becomes the first residual), one new token per sequence.
-  std::tuple<at::Tensor, at::Tensor> forward(at::Tensor hidden, const at::Tensor& positions,
-                                             const std::vector<at::Tensor>& caches, const at::Tensor& slots,
-                                             const at::Tensor& block_tables, const at::Tensor& seq_lens) const {
-    TORCH_CHECK(caches.size() == qkv_.size(), "DecodeStack: one KV cache per layer");
-    const int64_t rows = hidden.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
-    at::Tensor residual = hidden;
-    for (size_t i = 0; i < qkv_.size(); ++i) {
-      at::Tensor h = i == 0 ? rms_norm(hidden, c10::nullopt, input_norms_[i], eps_)
-                            : rms_norm(hidden, residual, input_norms_[i], eps_);
-      at::Tensor qkv = qkv_[i](h);
-      rotary_(qkv, positions, cos_sin_, heads_ + kv_heads_, head_dim_);
-      cache_write(qkv.narrow(1, q_size, kv_size), qkv.narrow(1, q_size + kv_size, kv_size), caches[i], slots);
-      at::Tensor q = qkv.as_strided({rows, heads_, head_dim_}, {qkv.stride(0), head_dim_, 1});
-      at::Tensor attn = decode_attention(q, caches[i], block_tables, seq_lens, scale_).view({rows, q_size});
-      h = rms_norm(o_proj_[i](attn), residual, post_norms_[i], eps_);
-      hidden = down_[i](silu_and_mul(gate_up_[i](h)));
-    }
-    return {hidden, residual};
-  }
-
- private:
-  std::vector<at::Tensor> input_norms_, post_norms_;
-  std::vector<StackLinear> qkv_, o_proj_, gate_up_, down_;
-  int64_t heads_, kv_heads_, head_dim_;
-  double eps_, scale_;
-  at::Tensor cos_sin_;
-};
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x (in place)");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
-  m.def("rotary_", &rotary_, "neox rotary in place on the leading heads of a fused QKV row");
-  m.def("cache_write", &cache_write, "write k/v rows into the head-major paged cache");
-  m.def("decode_attention", &decode_attention, "one-token attention straight from the paged cache");
-  m.def("pack_linear", &pack_linear, "pack an [N, K] bf16 or fp32 weight for linear_packed");
-  m.def("linear_packed", &linear_packed, "x @ W^T (+ bias) from a packed weight", pybind11::arg("x"),
-        pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias"), pybind11::arg("fp32_out") = false);
-  m.def("pack_int8", &npu_infer_int8::pack_int8, "pack an [N, K] int8 weight in panels (group 4: w8a8, 2: w8a16)");
-  m.def("quantize_per_token", &npu_infer_int8::quantize_per_token, "symmetric int8 per row: (q [M, K padded], scale [M])");
-  m.def("linear_w8a8_quantized", &npu_infer_int8::linear_w8a8_quantized, "int8 x int8 -> int32 with the scales applied");
-  m.def("linear_w8a8", &npu_infer_int8::linear_w8a8, "quantize x per token, then linear_w8a8_quantized");
-  m.def("linear_w8a16", &npu_infer_int8::linear_w8a16, "bf16 x int8 weights (made bf16 in registers)");
-  pybind11::class_<StackLinear>(m, "StackLinear")
-      .def(pybind11::init<std::string, at::Tensor, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
-                          c10::optional<at::Tensor>>(),
-           pybind11::arg("scheme"), pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias"),
-           pybind11::arg("scale") = c10::nullopt, pybind11::arg("comp") = c10::nullopt)
-      .def("__call__", &StackLinear::operator(), "x @ W^T (+ bias), as the decode stack computes it");
-  pybind11::class_<DecodeStack>(m, "DecodeStack")
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<StackLinear>,
-                          std::vector<StackLinear>, std::vector<StackLinear>, std::vector<StackLinear>, int64_t,
-                          int64_t, int64_t, double, double, at::Tensor>())
-      .def("forward", &DecodeStack::forward, "all layers of a pure decode step: returns (hidden, residual)");
-}
+}  // namespace npu_infer_kernels

@@ -1,4 +1,5 @@
-"""The AVX-512 CPU kernels of cpu_kernels.cpp (and cpu_int8_kernels.cpp), compiled on first use and cached (torch's JIT extension loader).
+"""The AVX-512 CPU kernels (cpu_kernels.cpp, cpu_int8_kernels.cpp, the decode stack of cpu_decode_stack.cpp, bound in
+cpu_module.cpp), compiled on first use into one module and cached (torch's JIT extension loader).
 
 `load()` returns the compiled module, or None where it cannot be had: a CPU without AVX-512 BF16, no compiler,
 or NPU_INFER_CPU_KERNELS=0. Callers then use their plain-torch twins, so the kernels only ever make things faster.
@@ -23,8 +24,8 @@ from npu_infer import envs
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_kernels.cpp", HERE / "cpu_int8_kernels.cpp")
-HEADERS = (HERE / "cpu_simd.h", HERE / "cpu_int8_kernels.h")
+# Every cpu_*.cpp here is compiled into the module, and every cpu_*.cpp and cpu_*.h is in its build key.
+SOURCE_GLOBS = ("cpu_*.cpp", "cpu_*.h")
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 
 
@@ -84,6 +85,23 @@ def _import_built(name: str, directory: Path) -> ModuleType | None:
     return module
 
 
+def source_files(directory: Path = HERE) -> list[Path]:
+    """The C++ sources and headers of the module in `directory`, in a fixed order."""
+    return sorted(path for pattern in SOURCE_GLOBS for path in directory.glob(pattern))
+
+
+def build_name(flags: set[str], directory: Path = HERE) -> str:
+    """The module's name and build directory: a digest of every source's name and bytes (a change to any, header
+    included, must rebuild), the torch and Python versions and the CPU flags (-march=native code must not be
+    reused on another CPU)."""
+    digest = hashlib.sha1()
+    for path in source_files(directory):
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        digest.update(path.read_bytes())
+    digest.update(f"{torch.__version__}{sys.version_info[:2]}{' '.join(sorted(flags))}".encode())
+    return f"npu_infer_cpu_kernels_{digest.hexdigest()[:12]}"
+
+
 @functools.cache
 def load() -> ModuleType | None:
     if not envs.NPU_INFER_CPU_KERNELS:
@@ -93,12 +111,7 @@ def load() -> ModuleType | None:
     if missing:
         logger.info("CPU kernels off: this CPU lacks %s", ", ".join(missing))
         return None
-    # Every source and header is in the key (a change to any must rebuild); -march=native code must not be reused
-    # on another CPU, nor across torch or Python versions.
-    source = "".join(path.read_text() for path in SOURCES + HEADERS)
-    key = f"{source}{torch.__version__}{sys.version_info[:2]}{' '.join(sorted(flags))}"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    name = f"npu_infer_cpu_kernels_{digest}"
+    name = build_name(flags)
     directory = build_directory(name)
     try:
         module = _import_built(name, directory)
@@ -108,7 +121,8 @@ def load() -> ModuleType | None:
         _put_ninja_on_path()
         directory.mkdir(parents=True, exist_ok=True)
         logger.info("building the CPU kernels (once, about 25 s on 2 cores, then cached in %s)", directory)
-        return load_extension(name=name, sources=[str(path) for path in SOURCES], build_directory=str(directory),
+        sources = [str(path) for path in source_files() if path.suffix == ".cpp"]
+        return load_extension(name=name, sources=sources, build_directory=str(directory),
                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                               verbose=False)
     except Exception as exc:  # no compiler, no ninja, a build error: the plain-torch ops still work

@@ -1,5 +1,8 @@
-"""ModelRunner: turns one step's chunks into flat tensors (no padding), runs the model, samples."""
+"""ModelRunner: keeps each running request's block table and sampling data between steps, turns one step's
+chunks into flat tensors (no padding), runs the model, samples."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -7,13 +10,39 @@ from torch import nn
 
 from npu_infer.distributed.parallel_state import get_pp_group
 from npu_infer.platform import current_platform
-from npu_infer.sampling import SamplerRow, prompt_logprobs, sample
+from npu_infer.sampling import SamplerRow, SamplingParams, prompt_logprobs, sample
 from npu_infer.worker.context import AttentionMetadata, set_context
 from npu_infer.worker.logits_masks import apply_logits_masks
 from npu_infer.worker.step_io import LogitsMasks, SeqChunk, StepInput, StepOutput
 
 
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions whose logits exist at once (profile_run includes one such slice)
+
+
+@dataclass
+class CachedRequest:
+    """What a worker keeps of a running request between steps: its NewRequest, then each chunk's changes."""
+    request_id: str
+    params: SamplingParams
+    seed_index: int
+    num_prompt_tokens: int
+    token_ids: list[int] | None         # prompt + output, kept only for penalties and prompt logprobs
+    block_ids: list[int] = field(default_factory=list)
+
+    def apply(self, chunk: SeqChunk) -> None:
+        self.block_ids += chunk.new_block_ids
+        if self.token_ids is not None:
+            if chunk.start_pos > len(self.token_ids):
+                raise RuntimeError(f"request {self.request_id}: a chunk starts at token {chunk.start_pos} but this "
+                                   f"worker holds {len(self.token_ids)} (the engine and the worker disagree)")
+            self.token_ids[chunk.start_pos:chunk.start_pos + len(chunk.token_ids)] = chunk.token_ids
+
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens] if self.token_ids is not None else []
+
+    def output_ids(self, end: int) -> list[int]:
+        """The output tokens before position `end`, for penalties."""
+        return self.token_ids[self.num_prompt_tokens:end] if self.token_ids is not None else []
 
 
 class ModelRunner:
@@ -24,12 +53,35 @@ class ModelRunner:
         self.block_size = block_size
         self.hidden_size = hidden_size
         self.dtype = dtype
-        self.generators: dict[str, torch.Generator] = {}
+        self.requests: dict[str, CachedRequest] = {}
+        self.generators: dict[str, torch.Generator] = {}  # kept across a preemption: the draws go on
         self._pinned: list[torch.Tensor] = []  # one pinned host buffer per step input (_to_device)
         self._staged: list[torch.Tensor] = []
 
-    def prepare(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flatten all sequences of the step into one token dimension; decodes first."""
+    def update_requests(self, step: StepInput) -> None:
+        """Apply the step's changes to the requests this worker keeps: drop the finished, (re)start the new and
+        the resumed, extend the running ones' block tables and tokens."""
+        self.forget(step.finished_ids)
+        for new in step.new_requests:
+            self.requests[new.request_id] = CachedRequest(
+                new.request_id, new.params, new.seed_index, new.num_prompt_tokens,
+                list(new.token_ids) if new.token_ids is not None else None)
+        for chunk in step.chunks:
+            state = self.requests.get(chunk.request_id)
+            if state is None:
+                raise RuntimeError(f"the step names request {chunk.request_id}, which this worker does not hold "
+                                   "(no NewRequest came for it, or it has finished)")
+            state.apply(chunk)
+
+    def forget(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.requests.pop(request_id, None)
+            self.generators.pop(request_id, None)
+
+    def prepare(self, chunks: list[SeqChunk], tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 AttentionMetadata]:
+        """Flatten all sequences of the step into one token dimension; decodes first. `tables`: each chunk's
+        whole block table."""
         bs = self.block_size
         query_lens = [len(c.token_ids) for c in chunks]
         seq_lens = [c.start_pos + n for c, n in zip(chunks, query_lens)]
@@ -38,10 +90,10 @@ class ModelRunner:
             num_decodes += 1
         input_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64)
         positions = np.concatenate([np.arange(c.start_pos, s) for c, s in zip(chunks, seq_lens)])
-        max_blocks = max(len(c.block_ids) for c in chunks)
+        max_blocks = max(len(t) for t in tables)
         block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
-        for i, c in enumerate(chunks):
-            block_tables[i, :len(c.block_ids)] = c.block_ids
+        for i, table in enumerate(tables):
+            block_tables[i, :len(table)] = table
         row_of_token = np.repeat(np.arange(len(chunks)), query_lens)
         slot_mapping = block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
@@ -79,12 +131,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
-        for request_id in step.finished_ids:
-            self.generators.pop(request_id, None)
+        self.update_requests(step)
         # Decodes first (the attention backends split the batch there); keep the engine's order otherwise.
         chunks = sorted(step.chunks, key=lambda c: len(c.token_ids) != 1)
         self._staged.clear()
-        input_ids, positions, meta = self.prepare(chunks)
+        input_ids, positions, meta = self.prepare(chunks, [self.requests[c.request_id].block_ids for c in chunks])
         pp = get_pp_group()
         hidden = residual = None
         if not pp.is_first_rank:
@@ -130,12 +181,13 @@ class ModelRunner:
                         out.logprobs[chunks[i].request_id] = logprobs
         start = 0
         for c, q_len in zip(chunks, meta.query_lens_cpu):
-            k = c.params.prompt_logprobs
+            state = self.requests[c.request_id]
+            k = state.params.prompt_logprobs
             # Positions whose next token is still a prompt token get a prompt logprob.
-            last = min(c.start_pos + q_len, c.num_prompt_tokens - 1)
+            last = min(c.start_pos + q_len, state.num_prompt_tokens - 1)
             if k is not None and last > c.start_pos and c.request_id not in out.errors:
                 n = last - c.start_pos
-                next_ids = c.prompt_ids[c.start_pos + 1:last + 1]
+                next_ids = state.token_ids[c.start_pos + 1:last + 1]
                 try:
                     result = []
                     # In slices: a whole chunk's [tokens, vocab] float32 logits could outgrow what profile_run measured.
@@ -151,15 +203,19 @@ class ModelRunner:
 
     def _sample_rows(self, chunks: list[SeqChunk], logits: torch.Tensor) -> list[tuple[int, tuple | None]]:
         """(token, logprob info) per chunk, sampled as one batch."""
-        rows = [SamplerRow(c.params, self._generator(c), c.prompt_ids or [], c.output_ids or []) for c in chunks]
+        rows = []
+        for c in chunks:
+            state = self.requests[c.request_id]
+            rows.append(SamplerRow(state.params, self._generator(state), state.prompt_ids(),
+                                   state.output_ids(c.start_pos + len(c.token_ids))))
         result = sample(logits, rows)
         return list(zip(result.token_ids, result.logprobs))
 
-    def _generator(self, chunk: SeqChunk) -> torch.Generator | None:
-        if chunk.params.seed is None:
+    def _generator(self, state: CachedRequest) -> torch.Generator | None:
+        if state.params.seed is None:
             return None
-        gen = self.generators.get(chunk.request_id)
+        gen = self.generators.get(state.request_id)
         if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(chunk.params.seed + chunk.seed_index)
-            self.generators[chunk.request_id] = gen
+            gen = torch.Generator(device=self.device).manual_seed(state.params.seed + state.seed_index)
+            self.generators[state.request_id] = gen
         return gen

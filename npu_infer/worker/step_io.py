@@ -1,6 +1,8 @@
-"""What crosses from the engine to the workers each step, and back: plain data. Between the processes of one
-node it is pickled (a pipe to a child we spawned); between nodes it travels as JSON of known types
-(encode_message / decode_message), so bytes from the network are never unpickled."""
+"""What crosses from the engine to the workers each step, and back: plain data. A request's unchanging data
+crosses once (NewRequest); each step then carries only what changed (SeqChunk: the new tokens, the new block ids),
+so a step costs O(new tokens), not O(all tokens). Between the processes of one node it is pickled (a pipe to a
+child we spawned); between nodes it travels as JSON of known types (encode_message / decode_message), so bytes
+from the network are never unpickled."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,17 +15,24 @@ from npu_infer.sampling import SamplingParams
 
 
 @dataclass
+class NewRequest:
+    """What a request's steps share, sent to the workers once: when it is first scheduled, and again when it
+    resumes after a preemption (its block table then starts over). The workers keep it until it finishes."""
+    request_id: str
+    params: SamplingParams
+    seed_index: int = 0                   # which of the parent's n completions (offsets the seed)
+    num_prompt_tokens: int = 0
+    token_ids: list[int] | None = None    # prompt + output so far, for penalties and prompt logprobs only
+
+
+@dataclass
 class SeqChunk:
+    """One request's share of a step: only what changed since its last step."""
     request_id: str
     token_ids: list[int]          # this step's new tokens
     start_pos: int                # tokens already in the KV cache before this step
-    block_ids: list[int]
+    new_block_ids: list[int]      # appended to the request's block table on the workers
     sample: bool                  # the chunk reaches the newest token: sample the next one
-    params: SamplingParams
-    seed_index: int = 0           # which of the parent's n completions (offsets the seed)
-    prompt_ids: list[int] | None = None   # for penalties and prompt logprobs only
-    output_ids: list[int] | None = None
-    num_prompt_tokens: int = 0
 
 
 @dataclass
@@ -41,7 +50,8 @@ class LogitsMasks:
 @dataclass
 class StepInput:
     chunks: list[SeqChunk]
-    finished_ids: list[str] = field(default_factory=list)  # drop their sampling state
+    new_requests: list[NewRequest] = field(default_factory=list)  # before the chunks that name them
+    finished_ids: list[str] = field(default_factory=list)  # the workers drop what they keep of these
     logits_masks: LogitsMasks | None = None
 
 
@@ -55,16 +65,17 @@ class StepOutput:
 
 # ---- the wire format between nodes ------------------------------------------------------------------------------
 _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
-_CHUNK_FIELDS = tuple(f.name for f in dataclasses.fields(SeqChunk) if f.name != "params")
+_CHUNK_FIELDS = tuple(f.name for f in dataclasses.fields(SeqChunk))
+_NEW_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(NewRequest) if f.name != "params")
 
 
 # The engine turns a grammar into this step's logits masks; the workers never read the grammar itself.
 _ENGINE_ONLY_PARAMS = {"structured_outputs"}
 
 
-def _plain_chunk(chunk: SeqChunk) -> dict:
-    plain = {name: getattr(chunk, name) for name in _CHUNK_FIELDS}
-    plain["params"] = {name: getattr(chunk.params, name) for name in _PARAM_FIELDS if name not in _ENGINE_ONLY_PARAMS}
+def _plain_new_request(new: NewRequest) -> dict:
+    plain = {name: getattr(new, name) for name in _NEW_REQUEST_FIELDS}
+    plain["params"] = {name: getattr(new.params, name) for name in _PARAM_FIELDS if name not in _ENGINE_ONLY_PARAMS}
     return plain
 
 
@@ -84,15 +95,17 @@ def _masks(plain: dict | None) -> LogitsMasks | None:
                        np.asarray(plain["bias_tokens"], dtype=np.int64), np.asarray(plain["bias_values"], dtype=np.float32))
 
 
-def _chunk(plain: dict) -> SeqChunk:
+def _new_request(plain: dict) -> NewRequest:
     params = SamplingParams(**{k: v for k, v in plain["params"].items() if k in _PARAM_FIELDS})
-    return SeqChunk(params=params, **{k: plain[k] for k in _CHUNK_FIELDS})
+    return NewRequest(params=params, **{k: plain[k] for k in _NEW_REQUEST_FIELDS})
 
 
 def encode_message(method: str, arg: object) -> bytes:
     """(method, argument) as JSON bytes; the argument a StepInput, a StepOutput, an int, a dict or None."""
     if isinstance(arg, StepInput):
-        body = {"type": "StepInput", "chunks": [_plain_chunk(c) for c in arg.chunks],
+        chunks = [{name: getattr(c, name) for name in _CHUNK_FIELDS} for c in arg.chunks]
+        body = {"type": "StepInput", "chunks": chunks,
+                "new_requests": [_plain_new_request(r) for r in arg.new_requests],
                 "finished_ids": list(arg.finished_ids), "logits_masks": _plain_masks(arg.logits_masks)}
     elif isinstance(arg, StepOutput):
         body = {"type": "StepOutput", **dataclasses.asdict(arg)}
@@ -109,8 +122,9 @@ def decode_message(data: bytes) -> tuple[str, object]:
         method, body = json.loads(data.decode("utf-8"))
         kind = body["type"]
         if kind == "StepInput":
-            return method, StepInput([_chunk(c) for c in body["chunks"]], list(body["finished_ids"]),
-                                     _masks(body.get("logits_masks")))
+            chunks = [SeqChunk(**{k: c[k] for k in _CHUNK_FIELDS}) for c in body["chunks"]]
+            return method, StepInput(chunks, [_new_request(r) for r in body["new_requests"]],
+                                     list(body["finished_ids"]), _masks(body.get("logits_masks")))
         if kind == "StepOutput":
             return method, StepOutput(**{f.name: body[f.name] for f in dataclasses.fields(StepOutput)})
         if kind == "plain":

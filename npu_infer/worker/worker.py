@@ -13,7 +13,7 @@ from npu_infer.models.registry import get_model_class
 from npu_infer.platform import Platform, set_current_platform
 from npu_infer.sampling import SamplingParams
 from npu_infer.worker.model_runner import ModelRunner
-from npu_infer.worker.step_io import SeqChunk, StepInput, StepOutput
+from npu_infer.worker.step_io import NewRequest, SeqChunk, StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
 GiB = 1024**3
@@ -98,14 +98,18 @@ class Worker:
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1,
                                 presence_penalty=0.5, frequency_penalty=0.5, seed=0, logprobs=20,
                                 prompt_logprobs=20, max_tokens=1)
-        chunks = [SeqChunk(f"profile-{i}", [0] * n, 0, [0] * -(-n // cfg.block_size), True, params,
-                           prompt_ids=[0] * (n + 1), output_ids=[0], num_prompt_tokens=n + 1)
+        # Each dummy prompt is one token longer than what the step computes of it, so every computed position
+        # gets a prompt logprob; the prompt is the penalties' history.
+        new = [NewRequest(f"profile-{i}", params, num_prompt_tokens=n + 1, token_ids=[0] * (n + 1))
+               for i, n in enumerate(lengths)]
+        chunks = [SeqChunk(f"profile-{i}", [0] * n, 0, [0] * -(-n // cfg.block_size), True)
                   for i, n in enumerate(lengths)]
-        out = self.runner.execute(StepInput(chunks))
+        try:
+            out = self.runner.execute(StepInput(chunks, new))
+        finally:
+            self.runner.forget([r.request_id for r in new])
         if out is not None and out.errors:  # a dummy row cannot be at fault: any failure here is the engine's own
             raise RuntimeError(f"profile_run failed: {next(iter(out.errors.values()))}")
-        for c in chunks:  # the dummy requests' seeded generators
-            self.runner.generators.pop(c.request_id, None)
         self.platform.synchronize()
 
     def determine_num_blocks(self) -> int:

@@ -4,6 +4,7 @@ fp32 must agree to fp32 rounding; bf16 to one bf16 rounding step (the kernels ro
 some intermediates too). Skipped only on a CPU without AVX-512 BF16; where the CPU has it, the build must work."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -129,10 +130,86 @@ def test_decode_attention_and_cache_write_equal_the_torch_path(kernels, dtype, l
 def test_decode_attention_refuses_what_it_cannot_read(kernels):
     cache, meta, _ = _paged_case([20], 2, 64, torch.float32)
     q = torch.randn(1, 4, 64)
-    with pytest.raises(RuntimeError, match="bad sequence length"):  # longer than its block table
+    with pytest.raises(RuntimeError, match=r"seq_lens\[0\] = 33 must be in 1\.\.32"):  # longer than its block table
         kernels.decode_attention(q, cache, meta.block_tables, torch.tensor([33], dtype=torch.int32), 0.1)
-    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+    with pytest.raises(RuntimeError, match="q must be bfloat16 or float32"):
         kernels.decode_attention(q.half(), cache.half(), meta.block_tables, meta.seq_lens, 0.1)
+
+
+def _decode_step(batch_lens: list[int], heads=4, kv_heads=2, head_dim=64):
+    """One decode step's q, k, v rows [B, heads * D] and its paged case (fp32)."""
+    cache, meta, g = _paged_case(batch_lens, kv_heads, head_dim, torch.float32)
+    qkv = torch.randn(len(batch_lens), (heads + 2 * kv_heads) * head_dim, generator=g)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    return q, k, v, cache, meta
+
+
+@pytest.mark.parametrize("bad", [64 * 16, 10 ** 9, -1])  # one past the cache's last slot, far past, negative
+def test_a_slot_outside_the_cache_raises_on_both_paths_and_the_kernel_writes_nothing(kernels, bad):
+    """A bad slot id must raise as the torch twin's index_copy_ does (IndexError), never write out of bounds; the
+    kernel checks every slot first, so the cache is left as it was (the twin may have written the good ones)."""
+    from npu_infer.platform.cpu_attention import CpuAttentionBackend
+    q, k, v, cache, meta = _decode_step([20, 5])
+    meta = dataclasses.replace(meta, slot_mapping=torch.tensor([meta.slot_mapping[0].item(), bad]))
+    args = (meta, 0.125, 4, 2, 64)
+    with pytest.raises(IndexError):
+        TorchAttentionBackend().forward(q, k, v, cache.clone(), *args)
+    got = cache.clone()
+    with pytest.raises(IndexError, match=rf"cache_write: slots\[1\] = {bad} is outside the cache's 1024 slots"):
+        CpuAttentionBackend(kernels).forward(q, k, v, got, *args)
+    assert torch.equal(got, cache)
+
+
+@pytest.mark.parametrize("bad", [64, -1])  # the cache has blocks 0..63
+def test_a_block_id_outside_the_cache_raises_on_both_paths(kernels, bad):
+    """A bad block id in a sequence's table must raise as the torch twin's block gather does, never read out of
+    bounds: the kernel names the entry (IndexError), the twin's index_select raises its own error."""
+    from npu_infer.platform.cpu_attention import CpuAttentionBackend
+    q, k, v, cache, meta = _decode_step([20, 5])
+    tables = meta.block_tables.clone()
+    tables[0, 1] = bad  # sequence 0 (20 tokens) reads its second block
+    meta = dataclasses.replace(meta, block_tables=tables)
+    args = (meta, 0.125, 4, 2, 64)
+    with pytest.raises((IndexError, RuntimeError)):
+        TorchAttentionBackend().forward(q, k, v, cache.clone(), *args)
+    with pytest.raises(IndexError, match=rf"decode_attention: block_tables\[0, 1\] = {bad} is outside the cache's 64 "):
+        CpuAttentionBackend(kernels).forward(q, k, v, cache.clone(), *args)
+
+
+def test_kernels_name_the_argument_that_is_wrong(kernels):
+    """Each refusal says which argument is wrong and what it must be (it said "bad arguments")."""
+    cache = torch.zeros(2, 2, 4, 16, 64)
+    k, slots = torch.randn(2, 128), torch.tensor([1, 2])
+    tables, lens = torch.zeros(1, 2, dtype=torch.int32), torch.tensor([20], dtype=torch.int32)
+    packed = kernels.pack_linear(torch.randn(64, 128))
+    cases = [
+        (lambda: kernels.cache_write(k, k[:, :64], cache, slots), "cache_write: v must have kv_heads \\* head_dim = 128"),
+        (lambda: kernels.cache_write(k, k, cache, slots.int()), "cache_write: slots must be int64, got Int"),
+        (lambda: kernels.cache_write(k, k, cache, slots[:1]), "cache_write: slots must be contiguous \\[2\\]"),
+        (lambda: kernels.cache_write(k, k, cache[:, :, :2], slots), "cache_write: cache must be contiguous"),
+        (lambda: kernels.cache_write(k.bfloat16(), k, cache, slots), "cache_write: k must have cache's dtype Float"),
+        (lambda: kernels.decode_attention(torch.randn(1, 4, 32), cache, tables, lens, 0.1),
+         "decode_attention: cache must have q's head_dim 32, got 64"),
+        (lambda: kernels.decode_attention(torch.randn(1, 3, 64), cache, tables, lens, 0.1),
+         "decode_attention: q's 3 heads must be a multiple of the cache's 2 KV heads"),
+        (lambda: kernels.decode_attention(torch.randn(1, 4, 64), cache, tables.long(), lens, 0.1),
+         "decode_attention: block_tables must be int32"),
+        (lambda: kernels.decode_attention(torch.randn(2, 4, 64), cache, tables, lens, 0.1),
+         "decode_attention: block_tables must be int32 \\[2, max_blocks\\]"),
+        (lambda: kernels.rms_norm(k, None, torch.ones(64), 1e-6), "rms_norm: weight must be contiguous \\[128\\]"),
+        (lambda: kernels.rms_norm(k, k[:1], torch.ones(128), 1e-6), "rms_norm: residual must be x's shape"),
+        (lambda: kernels.silu_and_mul(torch.randn(2, 3)), "silu_and_mul: x must have an even number of columns"),
+        (lambda: kernels.rotary_(k, torch.tensor([0]), torch.randn(8, 64), 2, 64),
+         "rotary_: positions must be contiguous \\[2\\]"),
+        (lambda: kernels.linear_packed(torch.randn(1, 64), packed, 64, None), "linear_packed: x must be contiguous \\[M, 128\\]"),
+        (lambda: kernels.linear_packed(torch.randn(1, 128), packed, 64, torch.zeros(3)),
+         "linear_packed: bias must be contiguous \\[64\\]"),
+        (lambda: kernels.StackLinear("w4a4", packed, 64, None), 'StackLinear: scheme must be "", "w8a8" or "w8a16"'),
+        (lambda: kernels.StackLinear("w8a16", packed, 64, None), "StackLinear: scheme w8a16 needs scale"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -73,7 +73,7 @@ def test_a_request_failing_in_detokenization_ends_alone(tiny_chat_model_dir):
         def broken_detokenizer(engine, params):
             def step(token_id):
                 raise Exception("Invalid prefix encountered")  # what tokenizers' DecodeStream raises
-            engine.detokenizers["bad"].step = step
+            engine.requests["bad"].children[0].detokenizer.step = step
 
         finished, failures = eight_and_one_bad(llm, broken_detokenizer)
         assert set(failures) == {"bad"} and "Invalid prefix" in str(failures["bad"])

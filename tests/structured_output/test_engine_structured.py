@@ -31,7 +31,7 @@ def test_n_completions_and_preemption_keep_the_constraint(tiny_chat_model_dir):
         assert len(out.outputs) == 2
         for choice in out.outputs:
             assert re.fullmatch(PATTERN, choice.text), choice.text
-    assert not llm.engine.logits_rules  # every request's rules went with it
+    assert not llm.engine.requests  # every request, with its grammar matcher, is gone
 
 
 def test_llguidance_fallback_enforces_what_xgrammar_ignores(tiny_chat_model_dir):
