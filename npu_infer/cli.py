@@ -14,7 +14,7 @@ COMMANDS = {
     "tensorize": ("npu_infer.loaders.tensorize", "main", "serialize a model for --load-format tensorizer"),
     "quantize": ("npu_infer.loaders.compressed_tensors", "main", "write an int8 (w8a8 | w8a16) compressed-tensors checkpoint"),
     "selftest": ("npu_infer.selftest", "main", "check every kernel, the sampler and two tiny models on the device"),
-    "worker": ("npu_infer.worker.multiproc_executor", "worker_main", "run the worker ranks of one node (multi-node)"),
+    "worker": ("npu_infer.worker.worker_cli", "worker_main", "run the worker ranks of one node (multi-node)"),
 }
 
 

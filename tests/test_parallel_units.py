@@ -17,7 +17,9 @@ from npu_infer.models.layers.embedding import ParallelLMHead, VocabParallelEmbed
 from npu_infer.models.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                                             RowParallelLinear)
 from npu_infer.models.llama import pp_layer_range
-from npu_infer.worker.multiproc_executor import _parser, check_parallel_config, output_rank, ranks_of_node
+from npu_infer.engine_args import engine_config_kwargs
+from npu_infer.worker.parallel_layout import check_parallel_config, output_rank, ranks_of_node
+from npu_infer.worker.worker_cli import make_parser as worker_parser
 
 
 class _LocalGroup(parallel_state.GroupCoordinator):
@@ -196,10 +198,10 @@ def test_node_layouts_are_checked():
 
 
 def test_worker_command_takes_the_server_flags_and_ignores_server_only_ones():
-    args, ignored = _parser().parse_known_args(
+    args, ignored = worker_parser().parse_known_args(
         ["--model", "m", "-tp", "2", "-pp", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
          "--master-port", "29500", "--kv-cache-memory", "1GiB", "--enable-prefix-caching", "--port", "8000"])
-    config = EngineConfig(**vars(args))
+    config = EngineConfig(**engine_config_kwargs(args))
     assert (config.tensor_parallel_size, config.pipeline_parallel_size, config.node_rank) == (2, 2, 1)
     assert (config.master_addr, config.master_port, config.kv_cache_memory) == ("10.0.0.1", 29500, 1024**3)
     assert config.enable_prefix_caching and ignored == ["--port", "8000"]

