@@ -14,7 +14,7 @@ from npu_infer.api.vllm_flags import FLAGS_BY_NAME, check_vllm_kwargs
 from npu_infer.config import EngineConfig
 from npu_infer.engine.llm_engine import LLMEngine
 from npu_infer.outputs import RequestOutput
-from npu_infer.sampling import SamplingParams
+from npu_infer.sampling import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("npu_infer.llm")
 
@@ -71,6 +71,8 @@ class LLM:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        for p in params_list:
+            p.output_kind = RequestOutputKind.FINAL_ONLY  # as vLLM's LLM: one output per request, when it ends
         ids = []
         try:
             for prompt, p in zip(prompts, params_list):

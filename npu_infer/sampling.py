@@ -1,6 +1,7 @@
 """SamplingParams (vLLM's names and meanings) and the batched sampler."""
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -15,6 +16,13 @@ MAX_N = 128             # completions one request may ask for (OpenAI's and vLLM
 MAX_STOP_STRINGS = 64   # stop strings per request
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request holds (vLLM's names and values)."""
+    CUMULATIVE = 0  # everything so far (every step copies the whole output: O(tokens so far))
+    DELTA = 1       # only what is new since the last output (the server's streams: O(new tokens) a step)
+    FINAL_ONLY = 2  # one output, when the request finishes (LLM.generate)
 
 
 
@@ -44,6 +52,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None   # only these tokens may be sampled
     bad_words: list[str] | None = None           # never generate these words (as vLLM: alone or after a space)
     truncate_prompt_tokens: int | None = None    # keep only the prompt's last k tokens
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     _stop_list: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

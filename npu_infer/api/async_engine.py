@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from npu_infer.api.metrics import ServerMetrics
 from npu_infer.engine.llm_engine import LLMEngine
-from npu_infer.outputs import RequestOutput
-from npu_infer.sampling import SamplingParams
+from npu_infer.outputs import RequestOutput, add_delta
+from npu_infer.sampling import RequestOutputKind, SamplingParams
 from npu_infer.worker.executor_base import WorkerProcessError
 
 logger = logging.getLogger(__name__)
@@ -34,29 +34,33 @@ class EngineDeadError(RequestAborted):
 
 @dataclass
 class _Stream:
-    """One request's way back to its handler. It holds only the newest snapshot: snapshots are cumulative, so a
-    slow or stalled reader costs one snapshot of memory, however many steps it misses."""
+    """One request's way back to its handler: the deltas not yet read, folded into one. A slow or stalled reader
+    costs at most its request's output so far in memory, however many steps it misses."""
     request_id: str
     loop: asyncio.AbstractEventLoop
     arrival: float = field(default_factory=time.monotonic)
-    latest: object = None             # the newest RequestOutput, or the exception that ends the stream
+    latest: object = None             # the unread deltas as one RequestOutput, or the exception that ends it
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     first_token: float | None = None  # engine-thread bookkeeping for the latency histograms
     last_token: float | None = None
     num_tokens: int = 0
     finished: bool = False
+    merged: bool = False              # latest is this stream's own fold of several deltas (safe to extend)
 
     def put(self, item: object) -> None:
-        """On the event loop. An exception or a final snapshot is never replaced: nothing comes after it."""
+        """On the event loop. An exception or a final output is never replaced: nothing comes after it."""
         if isinstance(self.latest, BaseException) or getattr(self.latest, "finished", False):
             return
+        if isinstance(self.latest, RequestOutput) and isinstance(item, RequestOutput):
+            item = add_delta(self.latest, item) if self.merged else add_delta(add_delta(None, self.latest), item)
+            self.merged = True
         self.latest = item
         self.ready.set()
 
     async def get(self) -> object:
         await self.ready.wait()
         self.ready.clear()
-        item, self.latest = self.latest, None
+        item, self.latest, self.merged = self.latest, None, False
         return item
 
 
@@ -144,12 +148,14 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt: dict, params: SamplingParams,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative snapshots of the request until it finishes; a reader that falls behind gets only the
-        newest one (see _Stream). Leaving early aborts the request."""
+        """Yield the request's outputs as deltas (RequestOutputKind.DELTA: only what is new; `add_delta` folds
+        them into the whole) until it finishes; a reader that falls behind gets what it missed as one delta
+        (see _Stream). Leaving early aborts the request."""
         if self._closing:
             raise RequestAborted("the server is shutting down")
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
+        params.output_kind = RequestOutputKind.DELTA  # O(new tokens) a step, not O(output so far)
         stream = _Stream(request_id, asyncio.get_running_loop())
         self._inbox.put(("add", stream, prompt, params, priority))
         try:
@@ -286,7 +292,7 @@ class AsyncEngine:
     def _observe(self, stream: _Stream, out: RequestOutput, now: float) -> None:
         if self.metrics is None:
             return
-        num_tokens = sum(len(c.token_ids) for c in out.outputs)
+        num_tokens = stream.num_tokens + sum(len(c.token_ids) for c in out.outputs)  # out is a delta
         if num_tokens > stream.num_tokens:
             if stream.first_token is None:
                 stream.first_token = now

@@ -16,7 +16,8 @@ from npu_infer.api.protocol import (ChatCompletionRequest, ChatCompletionRespons
                                     DeltaMessage, UsageInfo, random_id)
 from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, chat_logprobs,
                                    collect_until_disconnect, json_response, prompt_logprobs_json, sse,
-                                   stop_holdback, stream_failure, watch_disconnect)
+                                   stream_failure, watch_disconnect)
+from npu_infer.outputs import add_delta
 
 
 _RESERVED_KWARGS = {"conversation", "tokenize", "chat_template", "return_dict", "return_tensors", "tokenizer_kwargs"}
@@ -163,7 +164,7 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
     top_n = req.top_logprobs or 0
-    cursors = [ChoiceCursor(holdback=stop_holdback(params)) for _ in range(params.n)]
+    cursors = [ChoiceCursor() for _ in range(params.n)]
     reasoning = reasoning_parser(ctx.reasoning_parser)
     states = [ChoiceStream(plan, reasoning, req.include_reasoning) for _ in range(params.n)]
     prompt_tokens = completion_tokens = cached_tokens = 0
@@ -181,9 +182,11 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
         yield sse(chunk([ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant",
                                                                                       content=_echo_prefix(req)))
                          for i in range(params.n)]))
+        total = None  # the deltas so far, for the log line
         async for out in stream:
+            total = add_delta(total, out)
             prompt_tokens, cached_tokens = len(out.prompt_token_ids), out.num_cached_tokens
-            completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+            completion_tokens = sum(len(c.token_ids) for c in total.outputs)
             if first_token is None and completion_tokens:
                 first_token = time.monotonic()
             choices = []
@@ -208,7 +211,7 @@ async def _stream(req: ChatCompletionRequest, raw: Request, ctx: ServingContext,
             if choices:
                 yield sse(chunk(choices, usage() if continuous else None))
             if finished:
-                ctx.log_finished(request_id, prompt_tokens, out.outputs, start, first_token)
+                ctx.log_finished(request_id, prompt_tokens, total.outputs, start, first_token)
         if include_usage:
             yield sse(chunk([], usage()))
         yield SSE_DONE

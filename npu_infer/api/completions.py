@@ -13,8 +13,8 @@ from npu_infer.api.protocol import (CompletionRequest, CompletionResponse, Compl
                                     CompletionResponseStreamChoice, CompletionStreamResponse, UsageInfo)
 from npu_infer.api.serving import (SSE_DONE, ChoiceCursor, ClientGone, ServingContext, collect_until_disconnect,
                                    completion_logprobs, json_response, merge, prompt_logprobs_json, sse,
-                                   stop_holdback, stream_failure, watch_disconnect)
-from npu_infer.outputs import RequestOutput
+                                   stream_failure, watch_disconnect)
+from npu_infer.outputs import RequestOutput, add_delta
 from npu_infer.sampling import SamplingParams
 
 
@@ -143,6 +143,7 @@ async def _stream(req: CompletionRequest, raw: Request, ctx: ServingContext, mod
     cached_tokens: dict[int, int] = {}
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
+    totals: dict[int, RequestOutput] = {}  # each prompt's deltas so far, for the log line
     finals: dict[int, RequestOutput] = {}
     first_token = None
     try:
@@ -153,11 +154,11 @@ async def _stream(req: CompletionRequest, raw: Request, ctx: ServingContext, mod
                 key = (i, choice.index)
                 cursor = cursors.get(key)
                 if cursor is None:
-                    cursor = cursors[key] = ChoiceCursor(holdback=stop_holdback(params_list[i]))
+                    cursor = cursors[key] = ChoiceCursor()
                 if cursor.finished:
                     continue
                 new_text, new_ids, new_entries = cursor.delta(choice)
-                completion_tokens[key] = len(choice.token_ids)
+                completion_tokens[key] = completion_tokens.get(key, 0) + len(new_ids)
                 prefix_ids: list[int] = []
                 prefix_entries: list = []
                 if req.echo and not cursor.started:
@@ -179,8 +180,9 @@ async def _stream(req: CompletionRequest, raw: Request, ctx: ServingContext, mod
                     token_ids=list(new_ids) if ctx.send_token_ids(req) else None))
             if first_token is None and any(c.token_ids for c in out.outputs):
                 first_token = time.monotonic()
+            totals[i] = add_delta(totals.get(i), out)
             if out.finished:
-                finals[i] = out
+                finals[i] = totals[i]
             if not chunk_choices:
                 continue
             chunk = CompletionStreamResponse(id=request_id, created=created, model=model, choices=chunk_choices)

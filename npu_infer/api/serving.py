@@ -19,7 +19,7 @@ from npu_infer.api.limits import ServerLimits
 from npu_infer.api.protocol import (ChatCompletionLogProbs, ChatLogProb, ChatLogProbsContent, CompletionLogProbs,
                                     UsageInfo, random_id)
 from npu_infer.api.template_sandbox import TemplateSandbox
-from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
+from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput, add_delta
 from npu_infer.sampling import SamplingParams
 
 logger = logging.getLogger("npu_infer.api")
@@ -168,7 +168,7 @@ async def collect_until_disconnect(raw: Request, streams: list[AsyncIterator[Req
     async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
         final = None
         async for out in stream:
-            final = out
+            final = add_delta(final, out)
         return final
 
     work = asyncio.ensure_future(asyncio.gather(*(last(s) for s in streams)))
@@ -226,31 +226,17 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
 # ---- streaming deltas ---------------------------------------------------------------------------------------
 @dataclass
 class ChoiceCursor:
-    """How much of one choice's cumulative text and tokens has been sent."""
-    holdback: int = 0   # chars withheld while a stop string may still cut the text
-    text_sent: int = 0
-    tokens_sent: int = 0
+    """Where one streamed choice stands. The engine hands out deltas (text a stop string may still cut is held
+    back there), so each output's text and tokens are exactly what to send."""
     text_offset: int = 0
     finished: bool = False
     started: bool = False
 
     def delta(self, choice: CompletionOutput) -> tuple[str, list[int], list | None]:
-        """New text, new token ids and their logprob dicts since the last call."""
-        text = choice.text
-        end = len(text) if choice.finish_reason is not None else max(self.text_sent, len(text) - self.holdback)
-        new_text = text[self.text_sent:end]
-        self.text_sent = max(self.text_sent, end)
-        new_ids = choice.token_ids[self.tokens_sent:]
-        new_logprobs = choice.logprobs[self.tokens_sent:] if choice.logprobs is not None else None
-        self.tokens_sent = len(choice.token_ids)
+        """New text, new token ids and their logprob dicts of this delta."""
         if choice.finish_reason is not None:
             self.finished = True
-        return new_text, new_ids, new_logprobs
-
-
-def stop_holdback(params: SamplingParams) -> int:
-    return max((len(s) for s in params.stop_strings), default=1) - 1 if not params.include_stop_str_in_output \
-        else 0
+        return choice.text, choice.token_ids, choice.logprobs
 
 
 def sse(payload) -> str:

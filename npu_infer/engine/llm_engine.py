@@ -18,7 +18,7 @@ from npu_infer.engine.startup import resolve_engine_config
 from npu_infer.loaders.hf_files import load_tokenizer
 from npu_infer.generation_config import sampling_defaults
 from npu_infer.outputs import CompletionOutput, Logprob, RequestOutput
-from npu_infer.sampling import SamplingParams
+from npu_infer.sampling import RequestOutputKind, SamplingParams
 from npu_infer.worker.executor import make_executor
 from npu_infer.worker.step_io import NewRequest, SeqChunk, StepInput
 
@@ -53,6 +53,7 @@ class ParentRequest:
     params: SamplingParams
     children: list[Request]
     prompt_logprobs: list | None = None
+    prompt_logprobs_sent: bool = False  # DELTA outputs carry them once, in the first
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -251,9 +252,12 @@ class LLMEngine:
             if parent.request_id not in self.requests:  # failed after its first child's token
                 continue
             try:
-                outputs.append(self._make_output(parent))
+                out = self._make_output(parent)
             except Exception as exc:  # noqa: BLE001
                 self._fail(parent, exc)
+                continue
+            if out is not None:
+                outputs.append(out)
         return outputs
 
     def _fail(self, parent: ParentRequest, exc: Exception) -> None:
@@ -311,15 +315,29 @@ class LLMEngine:
             result.append(entry)
         return result
 
-    def _make_output(self, parent: ParentRequest) -> RequestOutput:
-        outputs = [CompletionOutput(c.index, c.text, list(c.output_token_ids),
-                                    c.cumulative_logprob if c.logprobs is not None else None,
-                                    list(c.logprobs) if c.logprobs is not None else None,
-                                    c.finish_reason, c.stop_reason) for c in parent.children]
+    def _make_output(self, parent: ParentRequest) -> RequestOutput | None:
+        """The request's output after a step, as its output_kind asks (None: FINAL_ONLY and not finished yet).
+
+        CUMULATIVE copies every token and logprob so far (O(output) a step); DELTA hands out only what is new
+        (O(new tokens)), withholding text that a stop string may still cut, as vLLM's DELTA outputs do."""
         finished = all(c.is_finished for c in parent.children)
+        kind = parent.params.output_kind
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        prompt_logprobs = parent.prompt_logprobs
+        if kind is RequestOutputKind.DELTA:
+            outputs = [_delta(c) for c in parent.children]
+            if parent.prompt_logprobs_sent:
+                prompt_logprobs = None
+            parent.prompt_logprobs_sent = True
+        else:
+            outputs = [CompletionOutput(c.index, c.text, list(c.output_token_ids),
+                                        c.cumulative_logprob if c.logprobs is not None else None,
+                                        list(c.logprobs) if c.logprobs is not None else None,
+                                        c.finish_reason, c.stop_reason) for c in parent.children]
         first = [c.first_token_time for c in parent.children if c.first_token_time]
         out = RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                            parent.prompt_logprobs, min(c.num_cached_tokens for c in parent.children),
+                            prompt_logprobs, min(c.num_cached_tokens for c in parent.children),
                             {"arrival_time": parent.arrival_time, "first_token_time": min(first) if first else None})
         if finished:
             del self.requests[parent.request_id]
@@ -327,3 +345,24 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def stop_holdback(params: SamplingParams) -> int:
+    """Characters of new text withheld from a DELTA output while a stop string may still cut them."""
+    if params.include_stop_str_in_output:
+        return 0
+    return max((len(s) for s in params.stop_strings), default=1) - 1
+
+
+def _delta(request: Request) -> CompletionOutput:
+    """What is new in one completion since its last DELTA output."""
+    start = request.num_output_tokens_sent
+    request.num_output_tokens_sent = request.num_tokens - request.num_prompt_tokens
+    text = request.text
+    end = len(text) if request.is_finished else max(request.text_sent, len(text) - stop_holdback(request.params))
+    new_text = text[request.text_sent:end]
+    request.text_sent = max(request.text_sent, end)
+    logprobs = request.logprobs[start:] if request.logprobs is not None else None
+    return CompletionOutput(request.index, new_text, request.token_ids[request.num_prompt_tokens + start:],
+                            request.cumulative_logprob if logprobs is not None else None, logprobs,
+                            request.finish_reason, request.stop_reason)

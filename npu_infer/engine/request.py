@@ -43,6 +43,8 @@ class Request:
     finish_reason: str | None = None    # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     text: str = ""
+    num_output_tokens_sent: int = 0     # DELTA outputs: how much of the output went out already
+    text_sent: int = 0
     first_token_time: float | None = None
     priority: int = 0                   # lower runs first under the priority scheduling policy
     detokenizer: IncrementalDetokenizer | None = field(default=None, repr=False)   # None: no text wanted

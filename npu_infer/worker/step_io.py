@@ -70,7 +70,7 @@ _NEW_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(NewRequest) if f.
 
 
 # The engine turns a grammar into this step's logits masks; the workers never read the grammar itself.
-_ENGINE_ONLY_PARAMS = {"structured_outputs"}
+_ENGINE_ONLY_PARAMS = {"structured_outputs", "output_kind"}
 
 
 def _plain_new_request(new: NewRequest) -> dict:
