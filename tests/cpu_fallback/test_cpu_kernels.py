@@ -67,7 +67,9 @@ def test_silu_and_mul(kernels, dtype, rows, inter):
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 80)])
 def test_rotary_in_place_on_fused_qkv(kernels, dtype, heads, kv_heads, head_dim):
     from npu_infer.models.layers.rotary import RotaryEmbedding
+    from npu_infer.platform import init_platform
     from npu_infer.platform.cpu_ops import CpuOps
+    init_platform("cpu")  # the layer asks the platform for its ops when it is built
     table = RotaryEmbedding(head_dim, 4096, 10000.0).cos_sin_cache
     positions = torch.tensor([0, 1, 17, 900, 4095])
     qkv = torch.randn(5, (heads + 2 * kv_heads) * head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
