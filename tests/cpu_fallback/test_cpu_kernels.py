@@ -92,6 +92,12 @@ def test_rotary_refuses_a_position_past_its_table(kernels):
         kernels.rotary_(qkv, torch.tensor([64]), torch.randn(64, 64), 2, 64)
 
 
+def _attend(backend, q, k, v, cache, meta, scale, heads, kv_heads, head_dim):
+    """One layer's attention over one step, as the model runner and a layer do it."""
+    impl = backend.make_impl(heads, head_dim, scale, kv_heads)
+    return impl.forward(q, k, v, cache, backend.build_metadata(meta))
+
+
 def _paged_case(batch_lens: list[int], kv_heads: int, head_dim: int, dtype, block_size=16, num_blocks=64, seed=0):
     """A random cache with shuffled block tables, and one new token per sequence (decode)."""
     g = torch.Generator().manual_seed(seed)
@@ -138,12 +144,6 @@ def test_decode_attention_refuses_what_it_cannot_read(kernels):
         kernels.decode_attention(q, cache, meta.block_tables, torch.tensor([33], dtype=torch.int32), 0.1)
     with pytest.raises(RuntimeError, match="q must be bfloat16 or float32"):
         kernels.decode_attention(q.half(), cache.half(), meta.block_tables, meta.seq_lens, 0.1)
-
-
-def _attend(backend, q, k, v, cache, meta, scale, heads, kv_heads, head_dim):
-    """One layer's attention over one step, as the model runner and a layer do it."""
-    impl = backend.make_impl(heads, head_dim, scale, kv_heads)
-    return impl.forward(q, k, v, cache, backend.build_metadata(meta))
 
 
 def _decode_step(batch_lens: list[int], heads=4, kv_heads=2, head_dim=64):

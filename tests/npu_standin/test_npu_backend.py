@@ -161,13 +161,13 @@ def test_the_step_metadata_is_built_once_and_the_layers_only_read_it(npu, monkey
 
     def derived_in_a_layer(*args):
         raise AssertionError("a layer derived step data the builder had made")
-    monkeypatch.setattr(npu_attention, "_pad_index", derived_in_a_layer)
     layer1, layer2 = backend.make_impl(NH, D, batch.scale, KVH), backend.make_impl(NH, D, batch.scale, KVH)
-    first = layer1.forward(batch.q, batch.k, batch.v, batch.kv_cache, meta)
-    second = layer2.forward(batch.q, batch.k, batch.v, batch.kv_cache, meta)  # the next layer of the same step
+    with monkeypatch.context() as patch:
+        patch.setattr(npu_attention, "_pad_index", derived_in_a_layer)
+        first = layer1.forward(batch.q, batch.k, batch.v, batch.kv_cache, meta)
+        second = layer2.forward(batch.q, batch.k, batch.v, batch.kv_cache, meta)  # the next layer of the step
     assert torch.equal(first, second)
     torch.testing.assert_close(first.double(), batch.reference(), atol=2e-2, rtol=2e-2)
-    monkeypatch.undo()
     assert backend.build_metadata(batch.meta).mask is meta.mask  # one mask per device, not one per step
 
 
