@@ -333,3 +333,15 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_loading(kernels, tm
                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
     assert out.stdout.strip() == str(copy / built.name), out.stderr[-2000:]
     assert not lock.exists()
+
+
+def test_the_kernel_backend_is_chosen_only_for_what_its_kernels_take(kernels):
+    """Other head sizes and dtypes get the plain-torch backend whole: the kernel backend's step metadata has
+    nothing for the torch decode path to gather with."""
+    from npu_infer.platform.cpu import CpuPlatform
+    from npu_infer.platform.cpu_attention import CpuAttentionBackend
+    platform = CpuPlatform()
+    assert type(platform.attention_backend(64, torch.bfloat16)) is CpuAttentionBackend
+    assert type(platform.attention_backend(128, torch.float32)) is CpuAttentionBackend
+    assert type(platform.attention_backend(80, torch.bfloat16)) is TorchAttentionBackend
+    assert type(platform.attention_backend(64, torch.float16)) is TorchAttentionBackend
