@@ -23,7 +23,6 @@ from npu_infer.platform import Platform, init_platform
 from npu_infer.platform.npu_attention import LAYOUT_ENV
 from npu_infer.platform.torch_ops import TorchOps
 from npu_infer.sampling import SamplerRow, SamplingParams, sample
-from npu_infer.worker.context import AttentionMetadata
 from npu_infer.worker.model_runner import ModelRunner
 from npu_infer.worker.step_io import SeqChunk
 
@@ -99,7 +98,8 @@ def check_ops(platform: Platform, device: torch.device, dtype: torch.dtype) -> l
     qkv = torch.randn(37, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, generator=g).to(dtype)
     q, k, _ = qkv.split([NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM], dim=-1)
     dq, dk, _ = on(qkv).split([NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM], dim=-1)
-    rq, rk = ops.rotary(positions.to(device), dq, dk, cos_sin.to(device), HEAD_DIM)  # float32 table, as the model
+    rope = ops.rope_step(positions.to(device), cos_sin.to(device), HEAD_DIM, dtype)  # float32 table, as the model
+    rq, rk = ops.rotary(dq, dk, rope)
     results.append(("rotary", _close(rq, _neox_rotary(q, positions, cos_sin), "rotary q") + "; "
                     + _close(rk, _neox_rotary(k, positions, cos_sin), "rotary k")))
     return results
@@ -119,23 +119,23 @@ def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, firs
     return out.transpose(0, 1).reshape(n, NUM_HEADS * HEAD_DIM)
 
 
-def _step(runner: ModelRunner, backend, kv_cache, parts, dtype, device):
+def _step(runner: ModelRunner, backend, impl, kv_cache, parts, dtype, device):
     """One attention step over (k_all, v_all, q_all, start, stop, block_ids) per sequence; returns output and meta."""
     chunks = [SeqChunk(str(i), [0] * (stop - start), start, blocks, False)
               for i, (_, _, _, start, stop, blocks) in enumerate(parts)]
     _, _, meta = runner.prepare(chunks, [blocks for *_, blocks in parts])
     pick = lambda idx: torch.cat([p[idx][p[3]:p[4]] for p in parts]).to(dtype).to(device)  # noqa: E731
     q, k, v = pick(2), pick(0), pick(1)
-    scale = HEAD_DIM ** -0.5
-    out = backend.forward(q, k, v, kv_cache, meta, scale, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
+    out = impl.forward(q, k, v, kv_cache, backend.build_metadata(meta))
     return out, meta
 
 
 def check_attention(platform: Platform, device: torch.device, dtype: torch.dtype, layout: str | None) -> str:
     """Cache write, paged decode and paged (chunked) prefill of one mixed step against the host reference."""
-    backend = platform.attention_backend()
+    backend = platform.attention_backend(HEAD_DIM, dtype)
     if layout is not None:
         backend.prefill_layout = layout
+    impl = backend.make_impl(NUM_HEADS, HEAD_DIM, HEAD_DIM ** -0.5, NUM_KV_HEADS)
     bs = platform.default_block_size()
     g = torch.Generator().manual_seed(1)
     lens = [(bs + 3, 1), (9, 1), (bs + 20, 40), (0, 25)]  # (cached, new): 2 decodes, chunked prefill, fresh prefill
@@ -151,9 +151,9 @@ def check_attention(platform: Platform, device: torch.device, dtype: torch.dtype
         seqs.append((kv[0], kv[1], torch.randn(total, NUM_HEADS * HEAD_DIM, generator=g).to(dtype), cached, total, blocks))
     # Step 1 writes the cached prefixes (a prefill over an empty cache); step 2 is the mixed step under test.
     first = [(k, v, q, 0, c, b) for k, v, q, c, _, b in seqs if c]
-    _step(runner, backend, kv_cache, first, dtype, device)
+    _step(runner, backend, impl, kv_cache, first, dtype, device)
     seqs.sort(key=lambda s: s[4] - s[3] != 1)
-    out, meta = _step(runner, backend, kv_cache, seqs, dtype, device)
+    out, meta = _step(runner, backend, impl, kv_cache, seqs, dtype, device)
     want = torch.cat([_reference_attention(q[c:t], k, v, c, HEAD_DIM ** -0.5) for k, v, q, c, t, _ in seqs])
     detail = _close(out, want, "attention output")
     cache = kv_cache[0].cpu()

@@ -14,6 +14,8 @@ from npu_infer.models.layers.embedding import ParallelLMHead, VocabParallelEmbed
 from npu_infer.models.layers.layernorm import RMSNorm
 from npu_infer.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from npu_infer.models.layers.rotary import RotaryEmbedding
+from npu_infer.platform import current_platform
+from npu_infer.platform.torch_ops import RopeStep
 from npu_infer.worker.context import get_context
 
 
@@ -34,26 +36,35 @@ def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, in
     return start, start + sizes[pp_rank]
 
 
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rotary_embedding(config) -> RotaryEmbedding:
+    """The model's one rotary table, from the checkpoint's rope parameters."""
+    rope_params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or rope_params or None
+    theta = rope_params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, theta, scaling)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config, qkv_bias: bool):
         super().__init__()
         hidden = config.hidden_size
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+        head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_kv_heads, bias=qkv_bias)
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, bias=getattr(config, "o_bias", False))
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
-        rope_params = getattr(config, "rope_parameters", None) or {}
-        scaling = getattr(config, "rope_scaling", None) or rope_params or None
-        theta = rope_params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, theta, scaling)
+        self.ops = current_platform().fused_ops()
         self.attn = Attention(self.num_heads, head_dim, head_dim ** -0.5, self.num_kv_heads)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: RopeStep, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.ops.rotary(q, k, rope)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -76,12 +87,12 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual):
+    def forward(self, rope, hidden, residual):
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
+        hidden = self.self_attn(rope, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -99,6 +110,7 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, qkv_bias) if self.start_layer <= i < self.end_layer else nn.Identity()
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if pp.is_last_rank else None
+        self.rotary_emb = rotary_embedding(config)  # one table for all layers
 
     def forward(self, input_ids, positions, hidden=None, residual=None):
         if hidden is None:
@@ -107,8 +119,9 @@ class LlamaModel(nn.Module):
         if fused is not None and residual is None and fused.accepts(hidden, meta := get_context()):
             hidden, residual = fused(hidden, positions, meta)
         else:
+            rope = self.rotary_emb(positions, hidden.dtype)  # once per step: every layer rotates at these positions
             for layer in self.layers[self.start_layer:self.end_layer]:
-                hidden, residual = layer(positions, hidden, residual)
+                hidden, residual = layer(rope, hidden, residual)
         if self.norm is None:
             return hidden, residual  # handed to the next pipeline stage
         hidden, _ = self.norm(hidden, residual)

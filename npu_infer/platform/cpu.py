@@ -103,11 +103,12 @@ class CpuPlatform(Platform):
                 and hasattr(stack, "platform_decode") and CpuDecodeStack.supports(stack, dtype)):
             stack.platform_decode = CpuDecodeStack(stack, kernels)
 
-    def attention_backend(self):
+    def attention_backend(self, head_dim: int, dtype: torch.dtype):
+        from npu_infer.platform.cpu_attention import KERNEL_HEAD_DIMS, CpuAttentionBackend
+        from npu_infer.platform.cpu_ops import KERNEL_DTYPES
         kernels = cpu_kernels.load()
-        if kernels is None:
-            return super().attention_backend()
-        from npu_infer.platform.cpu_attention import CpuAttentionBackend
+        if kernels is None or head_dim not in KERNEL_HEAD_DIMS or dtype not in KERNEL_DTYPES:
+            return super().attention_backend(head_dim, dtype)
         return CpuAttentionBackend(kernels)
 
     def fused_ops(self):

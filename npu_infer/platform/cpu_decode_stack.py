@@ -18,7 +18,8 @@ from npu_infer.worker.context import AttentionMetadata
 
 class CpuDecodeStack:
     def __init__(self, model: nn.Module, kernels: ModuleType):
-        """`model` is a LlamaModel holding all layers (its norms, CpuPackedLinear-prepared linears, rotary table)."""
+        """`model` is a LlamaModel holding all layers (their norms and CpuPackedLinear-prepared linears) and the
+        rotary table."""
         layers = list(model.layers)
         first = layers[0]
         attn = first.self_attn
@@ -26,7 +27,7 @@ class CpuDecodeStack:
         self.stack = kernels.DecodeStack(
             layers=[_layer_weights(layer, kernels) for layer in layers], heads=attn.num_heads,
             kv_heads=attn.num_kv_heads, head_dim=attn.attn.head_dim, eps=first.input_layernorm.eps,
-            scale=attn.attn.scale, cos_sin=attn.rotary.cos_sin_cache)
+            scale=attn.attn.scale, cos_sin=model.rotary_emb.cos_sin_cache)
         self.caches: list[torch.Tensor] | None = None
 
     @staticmethod

@@ -6,7 +6,7 @@ from types import ModuleType
 
 import torch
 
-from npu_infer.platform.torch_ops import TorchOps
+from npu_infer.platform.torch_ops import RopeStep, TorchOps
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -32,15 +32,22 @@ class CpuOps(TorchOps):
             return super().add_rms_norm(x, residual, weight, eps)
         return self.kernels.rms_norm(x, residual, weight, eps), residual
 
-    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-               head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_step(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, head_dim: int,
+                  dtype: torch.dtype) -> RopeStep:
+        """The kernel reads the table at the positions itself: no cos/sin rows, unless it cannot take the dtype."""
+        if dtype not in KERNEL_DTYPES or positions.dtype != torch.int64 or head_dim % 2:
+            return super().rope_step(positions, cos_sin_cache, head_dim, dtype)
+        return RopeStep(positions, cos_sin_cache, head_dim)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, rope: RopeStep) -> tuple[torch.Tensor, torch.Tensor]:
         """In place when q and k sit side by side in the fused QKV output (always, for our models)."""
+        head_dim, positions = rope.head_dim, rope.positions
         if not (_rows(q) and k.data_ptr() == q.data_ptr() + q.shape[1] * q.element_size()
                 and q.stride() == k.stride() and head_dim % 2 == 0 and positions.dtype == torch.int64):
-            return super().rotary(positions, q, k, cos_sin_cache, head_dim)
+            return super().rotary(q, k, rope)
         heads = (q.shape[1] + k.shape[1]) // head_dim
         qk = q.as_strided((q.shape[0], heads * head_dim), q.stride())
-        self.kernels.rotary_(qk, positions, cos_sin_cache, heads, head_dim)
+        self.kernels.rotary_(qk, positions, rope.cos_sin_cache, heads, head_dim)
         return q, k
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:

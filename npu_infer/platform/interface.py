@@ -94,7 +94,10 @@ class Platform:
     def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         """After loading: rearrange weights for this platform's kernels (nothing by default)."""
 
-    def attention_backend(self):
+    def attention_backend(self, head_dim: int, dtype: torch.dtype):
+        """The attention backend for layers of this head size and dtype (vLLM's get_attn_backend_cls): it gives
+        the KV cache's shape (kv_cache_shape), each layer's impl (make_impl), and the step's metadata, which the
+        model runner builds once per step (build_metadata)."""
         from npu_infer.platform.torch_attention import TorchAttentionBackend
         return TorchAttentionBackend()
 

@@ -112,8 +112,8 @@ class NpuPlatform(Platform):
             raise ValueError("--quantization bitsandbytes is not supported on npu (bitsandbytes has no NPU kernels: "
                              "it would dequantize every weight on every matmul); serve the unquantized model")
 
-    def attention_backend(self) -> NpuAttentionBackend:
-        return NpuAttentionBackend()
+    def attention_backend(self, head_dim: int, dtype: torch.dtype) -> NpuAttentionBackend:
+        return NpuAttentionBackend(head_dim)
 
     def fused_ops(self) -> NpuFusedOps:
         return NpuFusedOps()

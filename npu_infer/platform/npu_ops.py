@@ -3,7 +3,8 @@
 rms_norm      -> torch_npu.npu_rms_norm(self, gamma, epsilon) -> (y, rstd)
 add_rms_norm  -> torch_npu.npu_add_rms_norm(x1, x2, gamma, epsilon) -> (y, rstd, x1 + x2)
 rotary        -> torch_npu._npu_rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox_style),
-                 in place on contiguous [T, heads*head_dim] copies of q and k
+                 in place on contiguous [T, heads*head_dim] copies of q and k; rope_step (once per step) hands
+                 it the positions and the table in the query's dtype
 silu_and_mul  -> torch_npu.npu_swiglu(self, dim=-1): silu(first half) * second half
 
 Signatures and constraints: torch_npu 2.14.0, recorded in tests/npu_standin/declarations.json.
@@ -15,11 +16,13 @@ import weakref
 import torch
 
 from npu_infer.platform.torch_npu_import import import_torch_npu
+from npu_infer.platform.torch_ops import RopeStep
 
 # _npu_rotary_embedding builds its cos/sin tables from the FIRST cos_sin_cache it is given in the process and
-# silently reuses them afterwards (op-plugin's InitializeCosSinCache).  Every layer owns an equal copy of the
-# cache, so all of them are mapped to the first one; a cache with other values is refused instead of being
-# ignored by the kernel.  Keyed by the torch_npu module, whose lifetime is the kernel state's.
+# silently reuses them afterwards (op-plugin's InitializeCosSinCache).  A model owns one table (its
+# RotaryEmbedding); another model's equal table is mapped to the first one, and a table with other values is
+# refused instead of being ignored by the kernel.  Keyed by the torch_npu module, whose lifetime is the kernel
+# state's.
 _FIRST_ROPE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -37,18 +40,21 @@ class NpuFusedOps:
         y, _rstd, summed = self._npu.npu_add_rms_norm(x, residual, _like(weight, x), epsilon=eps)
         return y, summed
 
-    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-               head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Neox-style rotary; q [T, Hq*head_dim], k [T, Hk*head_dim]; returns new tensors (inputs untouched)."""
+    def rope_step(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, head_dim: int,
+                  dtype: torch.dtype) -> RopeStep:
+        """Once per step: the positions, and the table as the kernel takes it (in the query's dtype)."""
         if cos_sin_cache.shape[-1] != head_dim:
             raise ValueError(f"cos_sin_cache width {cos_sin_cache.shape[-1]} != head_dim {head_dim}: "
                              "partial rotary is not supported on NPU")
-        cache = self._rope_cache(cos_sin_cache, q.dtype)
+        return RopeStep(positions, self._rope_cache(cos_sin_cache, dtype), head_dim)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, rope: RopeStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neox-style rotary; q [T, Hq*head_dim], k [T, Hk*head_dim]; returns new tensors (inputs untouched)."""
         # The op rotates in place and refuses non-contiguous outputs; q and k usually are strided views of
         # the fused qkv projection, so this is the one copy the op needs anyway.
         q = q.clone(memory_format=torch.contiguous_format)
         k = k.clone(memory_format=torch.contiguous_format)
-        self._npu._npu_rotary_embedding(positions, q, k, head_dim, cache, True)
+        self._npu._npu_rotary_embedding(rope.positions, q, k, rope.head_dim, rope.cos_sin_cache, True)
         return q, k
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,21 +3,21 @@
 Written for few ops per layer: on a CPU, per-op dispatch is a large share of a small-batch decode step."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-# The rotary tables of the current step, shared by every layer (all layers see the same positions).
-_rope_step: dict = {"positions": None, "table": None, "dtype": None, "cos": None, "sin": None}
 
-
-def _rope_tables(positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
-    memo = _rope_step
-    if memo["positions"] is not positions or memo["table"] is not cos_sin_cache or memo["dtype"] != dtype:
-        cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, head_dim/2] each
-        memo.update(positions=positions, table=cos_sin_cache, dtype=dtype,
-                    cos=torch.cat((cos, cos), dim=-1).unsqueeze(1).to(dtype),
-                    sin=torch.cat((-sin, sin), dim=-1).unsqueeze(1).to(dtype))
-    return memo["cos"], memo["sin"]
+@dataclass
+class RopeStep:
+    """The rotary inputs of one step's positions: made once per step (the model's RotaryEmbedding calls
+    ops.rope_step), read by every layer's ops.rotary."""
+    positions: torch.Tensor       # [T] int64
+    cos_sin_cache: torch.Tensor   # [max_position, head_dim]: cat(cos, sin), as the ops take it
+    head_dim: int
+    cos: torch.Tensor | None = None  # [T, 1, head_dim] cat(cos, cos) of the positions: the plain-torch path's
+    sin: torch.Tensor | None = None  # [T, 1, head_dim] cat(-sin, sin)
 
 
 class TorchOps:
@@ -32,10 +32,19 @@ class TorchOps:
         residual = x + residual
         return self.rms_norm(residual, weight, eps), residual
 
-    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-               head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_step(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, head_dim: int,
+                  dtype: torch.dtype) -> RopeStep:
+        """Once per step: the cos/sin rows of the step's positions, in the activations' dtype."""
+        cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, head_dim/2] each
+        return RopeStep(positions, cos_sin_cache, head_dim,
+                        cos=torch.cat((cos, cos), dim=-1).unsqueeze(1).to(dtype),
+                        sin=torch.cat((-sin, sin), dim=-1).unsqueeze(1).to(dtype))
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, rope: RopeStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Neox-style rotation: x*cos + rotate_half(x)*sin, with rotate_half(x)*sin = roll(x)*[-sin, sin]."""
-        cos, sin = _rope_tables(positions, cos_sin_cache, q.dtype)
+        if rope.cos is None:  # a kernel's step (CpuOps) on this fallback, off the model's path
+            rope = TorchOps.rope_step(self, rope.positions, rope.cos_sin_cache, rope.head_dim, q.dtype)
+        cos, sin, head_dim = rope.cos, rope.sin, rope.head_dim
         tokens = q.shape[0]
         q_heads = q.shape[1] // head_dim
         if k.data_ptr() == q.data_ptr() + q.shape[1] * q.element_size() and q.stride() == k.stride():

@@ -1,5 +1,6 @@
 """ModelRunner: keeps each running request's block table and sampling data between steps, turns one step's
-chunks into flat tensors (no padding), runs the model, samples."""
+chunks into flat tensors (no padding) and the attention backend's metadata (built once per step), runs the model,
+samples."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from npu_infer.distributed.parallel_state import get_pp_group
+from npu_infer.models.layers.attention import attention_layers
 from npu_infer.platform import current_platform
 from npu_infer.sampling import SamplerRow, SamplingParams, prompt_logprobs, sample
 from npu_infer.worker.context import AttentionMetadata, set_context
@@ -49,6 +51,10 @@ class ModelRunner:
     def __init__(self, model: nn.Module, device: torch.device, block_size: int, hidden_size: int,
                  dtype: torch.dtype):
         self.model = model
+        # All attention layers of a model share one head size and dtype, hence one backend: its builder makes each
+        # step's metadata once, for every layer.
+        layers = attention_layers(model) if model is not None else []
+        self.attn_backend = layers[0].backend if layers else None
         self.device = device
         self.block_size = block_size
         self.hidden_size = hidden_size
@@ -142,7 +148,7 @@ class ModelRunner:
             shape = (input_ids.shape[0], self.hidden_size)
             hidden = pp.recv(shape, self.dtype, pp.prev_rank, self.device)
             residual = pp.recv(shape, self.dtype, pp.prev_rank, self.device)
-        set_context(meta)
+        set_context(self.attn_backend.build_metadata(meta))  # once per step; the layers only read it
         try:
             hidden, residual = self.model(input_ids, positions, hidden, residual)
         finally:

@@ -81,8 +81,8 @@ class Worker:
                                   self.config.torch_dtype)
 
     def _attention_layers(self) -> list:
-        from npu_infer.models.layers.attention import Attention
-        return [m for m in self.model.modules() if isinstance(m, Attention)]
+        from npu_infer.models.layers.attention import attention_layers
+        return attention_layers(self.model)
 
     def profile_run(self) -> None:
         """Run the largest step the scheduler can produce, sampling included, with no KV cache."""
@@ -177,7 +177,7 @@ class Worker:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.platform.empty_cache()
         layers = self._attention_layers()
-        backend = layers[0].backend
+        backend = self.runner.attn_backend
         self.kv_caches = []
         for attn in layers:
             shape = backend.kv_cache_shape(num_blocks, self.config.block_size, attn.num_kv_heads, attn.head_dim)

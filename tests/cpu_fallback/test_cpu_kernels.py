@@ -74,10 +74,12 @@ def test_rotary_in_place_on_fused_qkv(kernels, dtype, heads, kv_heads, head_dim)
     positions = torch.tensor([0, 1, 17, 900, 4095])
     qkv = torch.randn(5, (heads + 2 * kv_heads) * head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
     sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-    q_want, k_want = TorchOps().rotary(positions, *qkv.clone().split(sizes, -1)[:2], table, head_dim)
+    torch_ops, cpu_ops = TorchOps(), CpuOps(kernels)
+    q_want, k_want = torch_ops.rotary(*qkv.clone().split(sizes, -1)[:2],
+                                      torch_ops.rope_step(positions, table, head_dim, dtype))
     mine = qkv.clone()
     q, k, v = mine.split(sizes, -1)
-    q_got, k_got = CpuOps(kernels).rotary(positions, q, k, table, head_dim)
+    q_got, k_got = cpu_ops.rotary(q, k, cpu_ops.rope_step(positions, table, head_dim, dtype))
     assert q_got.data_ptr() == mine.data_ptr()  # rotated where it lay
     assert_matches(q_got, q_want, dtype)
     assert_matches(k_got, k_want, dtype)
@@ -88,6 +90,12 @@ def test_rotary_refuses_a_position_past_its_table(kernels):
     qkv = torch.randn(1, 128)
     with pytest.raises(RuntimeError, match="outside the table"):
         kernels.rotary_(qkv, torch.tensor([64]), torch.randn(64, 64), 2, 64)
+
+
+def _attend(backend, q, k, v, cache, meta, scale, heads, kv_heads, head_dim):
+    """One layer's attention over one step, as the model runner and a layer do it."""
+    impl = backend.make_impl(heads, head_dim, scale, kv_heads)
+    return impl.forward(q, k, v, cache, backend.build_metadata(meta))
 
 
 def _paged_case(batch_lens: list[int], kv_heads: int, head_dim: int, dtype, block_size=16, num_blocks=64, seed=0):
@@ -123,8 +131,8 @@ def test_decode_attention_and_cache_write_equal_the_torch_path(kernels, dtype, l
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
     scale = head_dim ** -0.5
     want_cache, got_cache = cache.clone(), cache.clone()
-    want = TorchAttentionBackend().forward(q, k, v, want_cache, meta, scale, heads, kv_heads, head_dim)
-    got = CpuAttentionBackend(kernels).forward(q, k, v, got_cache, meta, scale, heads, kv_heads, head_dim)
+    want = _attend(TorchAttentionBackend(), q, k, v, want_cache, meta, scale, heads, kv_heads, head_dim)
+    got = _attend(CpuAttentionBackend(kernels), q, k, v, got_cache, meta, scale, heads, kv_heads, head_dim)
     assert torch.equal(got_cache, want_cache)  # the same slots written, nothing else touched
     assert_matches(got, want, dtype)
 
@@ -155,10 +163,10 @@ def test_a_slot_outside_the_cache_raises_on_both_paths_and_the_kernel_writes_not
     meta = dataclasses.replace(meta, slot_mapping=torch.tensor([meta.slot_mapping[0].item(), bad]))
     args = (meta, 0.125, 4, 2, 64)
     with pytest.raises(IndexError):
-        TorchAttentionBackend().forward(q, k, v, cache.clone(), *args)
+        _attend(TorchAttentionBackend(), q, k, v, cache.clone(), *args)
     got = cache.clone()
     with pytest.raises(IndexError, match=rf"cache_write: slots\[1\] = {bad} is outside the cache's 1024 slots"):
-        CpuAttentionBackend(kernels).forward(q, k, v, got, *args)
+        _attend(CpuAttentionBackend(kernels), q, k, v, got, *args)
     assert torch.equal(got, cache)
 
 
@@ -173,9 +181,9 @@ def test_a_block_id_outside_the_cache_raises_on_both_paths(kernels, bad):
     meta = dataclasses.replace(meta, block_tables=tables)
     args = (meta, 0.125, 4, 2, 64)
     with pytest.raises((IndexError, RuntimeError)):
-        TorchAttentionBackend().forward(q, k, v, cache.clone(), *args)
+        _attend(TorchAttentionBackend(), q, k, v, cache.clone(), *args)
     with pytest.raises(IndexError, match=rf"decode_attention: block_tables\[0, 1\] = {bad} is outside the cache's 64 "):
-        CpuAttentionBackend(kernels).forward(q, k, v, cache.clone(), *args)
+        _attend(CpuAttentionBackend(kernels), q, k, v, cache.clone(), *args)
 
 
 def test_kernels_name_the_argument_that_is_wrong(kernels):
@@ -325,3 +333,15 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_loading(kernels, tm
                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
     assert out.stdout.strip() == str(copy / built.name), out.stderr[-2000:]
     assert not lock.exists()
+
+
+def test_the_kernel_backend_is_chosen_only_for_what_its_kernels_take(kernels):
+    """Other head sizes and dtypes get the plain-torch backend whole: the kernel backend's step metadata has
+    nothing for the torch decode path to gather with."""
+    from npu_infer.platform.cpu import CpuPlatform
+    from npu_infer.platform.cpu_attention import CpuAttentionBackend
+    platform = CpuPlatform()
+    assert type(platform.attention_backend(64, torch.bfloat16)) is CpuAttentionBackend
+    assert type(platform.attention_backend(128, torch.float32)) is CpuAttentionBackend
+    assert type(platform.attention_backend(80, torch.bfloat16)) is TorchAttentionBackend
+    assert type(platform.attention_backend(64, torch.float16)) is TorchAttentionBackend

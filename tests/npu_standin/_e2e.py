@@ -72,7 +72,7 @@ class Spy:
 
 
 def install_spy(npu, monkeypatch) -> Spy:
-    from npu_infer.platform.npu_attention import NpuAttentionBackend
+    from npu_infer.platform.npu_attention import NpuAttentionImpl
     spy = Spy()
     for name in ("npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_fused_infer_attention_score",
                  "_npu_reshape_and_cache", "_npu_paged_attention", "_npu_rotary_embedding"):
@@ -80,16 +80,16 @@ def install_spy(npu, monkeypatch) -> Spy:
             spy.kernels[_name] = spy.kernels.get(_name, 0) + 1
             return _fn(*args, **kwargs)
         monkeypatch.setattr(npu, name, counted)
-    forward = NpuAttentionBackend.forward
+    forward = NpuAttentionImpl.forward
     seen: list = [None]
 
-    def recording_forward(self, q, k, v, kv_cache, meta, *args):
+    def recording_forward(self, q, k, v, kv_cache, meta):
         if meta is not seen[0]:  # once per step, not once per layer
             seen[0] = meta
             spy.steps.append((meta.num_decodes, list(meta.query_lens_cpu), list(meta.seq_lens_cpu),
                               kv_cache.numel() > 0))
-        return forward(self, q, k, v, kv_cache, meta, *args)
-    monkeypatch.setattr(NpuAttentionBackend, "forward", recording_forward)
+        return forward(self, q, k, v, kv_cache, meta)
+    monkeypatch.setattr(NpuAttentionImpl, "forward", recording_forward)
     return spy
 
 

@@ -9,7 +9,7 @@ import torch
 from npu_infer.platform.npu_attention import LAYOUT_ENV, NpuAttentionBackend, choose_prefill_layout
 
 from . import NpuOpRejected, configure
-from .test_npu_backend import MIXED, Batch
+from .test_npu_backend import MIXED, Batch, D
 
 
 def test_layout_follows_the_head_dim_unless_forced(monkeypatch):
@@ -28,9 +28,9 @@ def test_tnd_rejected_by_the_kernel_names_the_variable_and_bsh_works(npu, monkey
     configure(tnd_paged=False)  # a CANN that rejects TND with a block table
     monkeypatch.setenv(LAYOUT_ENV, "TND")
     with pytest.raises(NpuOpRejected, match=f"set {LAYOUT_ENV}=BSH"):
-        Batch(MIXED).run(NpuAttentionBackend())
+        Batch(MIXED).run(NpuAttentionBackend(D))
     monkeypatch.setenv(LAYOUT_ENV, "BSH")
     batch = Batch(MIXED)
-    backend = NpuAttentionBackend()
+    backend = NpuAttentionBackend(D)  # TND for this head_dim unless forced
     torch.testing.assert_close(batch.run(backend).double(), batch.reference(), atol=2e-2, rtol=2e-2)
     assert backend.prefill_layout == "BSH"

@@ -112,15 +112,14 @@ def test_e2e_parity_check_catches_a_bug(tiny_llama_dir, monkeypatch):
     """The comparison is not vacuous: decode attention that misses each sequence's newest cached token (a valid
     call the stand-in cannot reject) fails it."""
     from npu_infer.platform import npu_attention
-    step_tensors = npu_attention.NpuAttentionBackend._step_tensors
+    build_metadata = npu_attention.NpuAttentionBackend.build_metadata
 
-    def off_by_one(self, meta, device):
-        step = step_tensors(self, meta, device)
-        if step.decode_context_lens is not None and not getattr(step, "broken", False):
-            step.decode_context_lens = step.decode_context_lens - 1
-            step.broken = True
-        return step
-    monkeypatch.setattr(npu_attention.NpuAttentionBackend, "_step_tensors", off_by_one)
+    def off_by_one(self, common):
+        meta = build_metadata(self, common)
+        if meta.decode_context_lens is not None:
+            meta.decode_context_lens = meta.decode_context_lens - 1
+        return meta
+    monkeypatch.setattr(npu_attention.NpuAttentionBackend, "build_metadata", off_by_one)
     batches, cached = token_workload()
     with pytest.raises(AssertionError, match="logprobs differ|not a near-tie|median|only .* tokens|neither run"):
         check_parity(str(tiny_llama_dir), batches, cached, monkeypatch, min_agreement=0.6, skip_tokenizer_init=True)

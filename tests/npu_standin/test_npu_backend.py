@@ -1,11 +1,10 @@
-"""NpuAttentionBackend and NpuFusedOps on the torch_npu stand-in, against plain-torch references.
+"""NpuAttentionBackend (its per-step metadata, its per-layer impls) and NpuFusedOps on the torch_npu stand-in,
+against plain-torch references.
 
 The mixed batch: 2 decodes, 1 chunked prefill with a cached prefix, 1 fresh prefill; GQA; bf16.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
@@ -90,7 +89,9 @@ class Batch:
         return torch.cat(outs)
 
     def run(self, backend):
-        return backend.forward(self.q, self.k, self.v, self.kv_cache, self.meta, self.scale, NH, KVH, D)
+        """One layer's attention over this step, as the model runner and a layer do it."""
+        impl = backend.make_impl(NH, D, self.scale, KVH)
+        return impl.forward(self.q, self.k, self.v, self.kv_cache, backend.build_metadata(self.meta))
 
 
 MIXED = [(130, 1), (6, 1), (150, 40), (0, 25)]  # 2 decodes, chunked prefill over a cached prefix, fresh prefill
@@ -99,7 +100,7 @@ MIXED = [(130, 1), (6, 1), (150, 40), (0, 25)]  # 2 decodes, chunked prefill ove
 @pytest.fixture
 def backend(npu):
     from npu_infer.platform.npu_attention import NpuAttentionBackend
-    return NpuAttentionBackend()
+    return NpuAttentionBackend(D)
 
 
 # =========================================================================== attention backend
@@ -122,19 +123,19 @@ def test_under_inference_mode(backend, ops):
         torch.testing.assert_close(batch.run(backend).double(), batch.reference(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(batch.run(backend).double(), batch.reference(), atol=2e-2, rtol=2e-2)
         cache = _rope_cache(D, 300)
-        q, k = ops.rotary(torch.arange(3), batch.q[:3], batch.k[:3], cache, D)
+        q, k = ops.rotary(batch.q[:3], batch.k[:3], ops.rope_step(torch.arange(3), cache, D, BF16))
         torch.testing.assert_close(q.double(), _ref_neox(batch.q[:3], torch.arange(3), cache, D), atol=3e-2, rtol=3e-2)
         torch.testing.assert_close(k.double(), _ref_neox(batch.k[:3], torch.arange(3), cache, D), atol=3e-2, rtol=3e-2)
-        ops.rotary(torch.arange(3), batch.q[:3], batch.k[:3], cache, D)
+        ops.rotary(batch.q[:3], batch.k[:3], ops.rope_step(torch.arange(3), cache, D, BF16))
 
 
 def test_bsh_prefill_layout_matches_reference(npu):
     from npu_infer.platform.npu_attention import NpuAttentionBackend
     configure(tnd_paged=False)  # the strict reading of the docs: TND without page attention
     with pytest.raises(NpuOpRejected, match="input_layouts_a2"):
-        Batch(MIXED).run(NpuAttentionBackend())
+        Batch(MIXED).run(NpuAttentionBackend(D))
     batch = Batch(MIXED)
-    out = batch.run(NpuAttentionBackend(prefill_layout="BSH"))
+    out = batch.run(NpuAttentionBackend(D, prefill_layout="BSH"))
     torch.testing.assert_close(out.double(), batch.reference(), atol=2e-2, rtol=2e-2)
 
 
@@ -150,42 +151,46 @@ def test_profile_run_without_cache(backend):
     torch.testing.assert_close(batch.run(backend).double(), batch.reference(), atol=2e-2, rtol=2e-2)
 
 
-def test_layers_share_the_step_tensors_and_refresh_per_step(npu):
+@pytest.mark.parametrize("layout", ["TND", "BSH"])
+def test_the_step_metadata_is_built_once_and_the_layers_only_read_it(npu, monkeypatch, layout):
     from npu_infer.platform import npu_attention
-    npu_attention._MASKS.clear()  # earlier tests may have made masks for other devices (the strict npu:0)
-    layer1, layer2 = npu_attention.NpuAttentionBackend(), npu_attention.NpuAttentionBackend()
+    backend = npu_attention.NpuAttentionBackend(D, prefill_layout=layout)
     batch = Batch(MIXED)
-    first = batch.run(layer1)
-    step = npu_attention._STEP[0]
-    second = batch.run(layer2)  # the next layer of the same step (each layer has its own backend)
-    assert npu_attention._STEP[0] is step and torch.equal(first, second)
-    assert len(npu_attention._MASKS) == 1
-    batch.meta = dataclasses.replace(batch.meta)  # the next step brings a new metadata object
-    batch.run(layer1)
-    assert npu_attention._STEP[0] is not step
+    meta = backend.build_metadata(batch.meta)
+    assert (meta.pad_index is not None) == (layout == "BSH") and meta.prefill_layout == layout
+
+    def derived_in_a_layer(*args):
+        raise AssertionError("a layer derived step data the builder had made")
+    layer1, layer2 = backend.make_impl(NH, D, batch.scale, KVH), backend.make_impl(NH, D, batch.scale, KVH)
+    with monkeypatch.context() as patch:
+        patch.setattr(npu_attention, "_pad_index", derived_in_a_layer)
+        first = layer1.forward(batch.q, batch.k, batch.v, batch.kv_cache, meta)
+        second = layer2.forward(batch.q, batch.k, batch.v, batch.kv_cache, meta)  # the next layer of the step
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first.double(), batch.reference(), atol=2e-2, rtol=2e-2)
+    assert backend.build_metadata(batch.meta).mask is meta.mask  # one mask per device, not one per step
 
 
 def test_cache_layout_and_shape_limits(backend):
     assert backend.kv_cache_shape(10, 128, 2, 64) == (2, 10, 128, 2, 64)
-    batch = Batch([(3, 1)])
-    with pytest.raises(ValueError, match="head_dim"):
-        backend.forward(batch.q, batch.k, batch.v, batch.kv_cache, batch.meta, 1.0, NH // 4, KVH // 2, 256)
+    with pytest.raises(ValueError, match="head_dim"):  # refused when the layer is built, not at its first step
+        backend.make_impl(NH // 4, 256, 1.0, KVH // 2)
     with pytest.raises(ValueError, match="query heads"):
-        backend.forward(batch.q, batch.k, batch.v, batch.kv_cache, batch.meta, 1.0, 6, 4, D)
+        backend.make_impl(6, D, 1.0, 4)
 
 
 def test_wrong_cache_layout_is_rejected(backend):
     batch = Batch(MIXED)
-    swapped = batch.kv_cache.transpose(2, 3).contiguous()  # [2, nb, kv_heads, bs, D]
+    batch.kv_cache = batch.kv_cache.transpose(2, 3).contiguous()  # [2, nb, kv_heads, bs, D]
     with pytest.raises(NpuOpRejected):
-        backend.forward(batch.q, batch.k, batch.v, swapped, batch.meta, batch.scale, NH, KVH, D)
+        batch.run(backend)
 
 
 def test_float32_is_rejected(backend):
     batch = Batch(MIXED)
+    batch.q, batch.k, batch.v, batch.kv_cache = batch.q.float(), batch.k.float(), batch.v.float(), batch.kv_cache.float()
     with pytest.raises(NpuOpRejected, match="dtype"):
-        backend.forward(batch.q.float(), batch.k.float(), batch.v.float(), batch.kv_cache.float(), batch.meta,
-                        batch.scale, NH, KVH, D)
+        batch.run(backend)
 
 
 # =========================================================================== fused ops
@@ -238,14 +243,14 @@ def test_rotary_matches_the_neox_reference_and_leaves_its_inputs_untouched(ops):
     qkv = torch.randn(T, (4 + 2 + 2) * d).to(BF16)
     q, k, _ = qkv.split([4 * d, 2 * d, 2 * d], dim=-1)
     q0, k0 = q.clone(), k.clone()
-    qr, kr = ops.rotary(positions, q, k, cache, d)
+    qr, kr = ops.rotary(q, k, ops.rope_step(positions, cache, d, BF16))
     torch.testing.assert_close(qr.double(), _ref_neox(q0, positions, cache, d), atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(kr.double(), _ref_neox(k0, positions, cache, d), atol=3e-2, rtol=3e-2)
     assert torch.equal(q, q0) and torch.equal(k, k0)  # inputs untouched
-    # another layer with an equal cache of its own is fine; one with other values is refused
-    ops.rotary(positions, q, k, cache.clone(), d)
+    # another model with an equal table of its own is fine; one with other values is refused
+    ops.rotary(q, k, ops.rope_step(positions, cache.clone(), d, BF16))
     with pytest.raises(RuntimeError, match="first cos/sin cache"):
-        ops.rotary(positions, q, k, _rope_cache(d, 64, base=500000.0), d)
+        ops.rope_step(positions, _rope_cache(d, 64, base=500000.0), d, BF16)
 
 
 def test_rotary_state_follows_the_torch_npu_module():
@@ -259,7 +264,8 @@ def test_rotary_state_follows_the_torch_npu_module():
             q, k = torch.randn(2, 32).to(BF16), torch.randn(2, 32).to(BF16)
             positions, cache = torch.tensor([1, 2]), _rope_cache(32, 8, base)
             # a leftover cache of the other base would be refused ("first cos/sin cache") instead
-            qr, kr = NpuFusedOps().rotary(positions, q, k, cache, 32)
+            ops = NpuFusedOps()
+            qr, kr = ops.rotary(q, k, ops.rope_step(positions, cache, 32, BF16))
             torch.testing.assert_close(qr.double(), _ref_neox(q, positions, cache, 32), atol=3e-2, rtol=3e-2)
             torch.testing.assert_close(kr.double(), _ref_neox(k, positions, cache, 32), atol=3e-2, rtol=3e-2)
         finally:

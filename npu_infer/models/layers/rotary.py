@@ -1,4 +1,7 @@
-"""Rotary position embedding (neox style) with a precomputed cos/sin cache; Llama-3 frequency scaling."""
+"""Rotary position embedding (neox style) with a precomputed cos/sin cache; Llama-3 frequency scaling.
+
+A model owns one RotaryEmbedding, the one table of its layers: called once per step, it gives the step's rotary
+inputs (a RopeStep), which every layer's ops.rotary(q, k, rope) reads."""
 from __future__ import annotations
 
 import math
@@ -7,9 +10,7 @@ import torch
 from torch import nn
 
 from npu_infer.platform import current_platform
-
-
-_TABLES: dict[tuple, torch.Tensor] = {}
+from npu_infer.platform.torch_ops import RopeStep
 
 
 def _llama3_scale(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -33,12 +34,10 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _llama3_scale(inv_freq, scaling)
         elif rope_type not in ("default", None):
             raise ValueError(f"rope scaling {rope_type!r} is not supported; supported: default, llama3")
-        key = (head_dim, max_position, base, repr(scaling), str(torch.get_default_device()))
-        if key not in _TABLES:  # one table for all layers, so per-step lookups are shared too
-            freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
-            _TABLES[key] = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-        self.cos_sin_cache = _TABLES[key]
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
+        self.cos_sin_cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_position, head_dim], float32
         self.ops = current_platform().fused_ops()
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return self.ops.rotary(positions, q, k, self.cos_sin_cache, self.head_dim)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeStep:
+        """Once per step: what every layer's rotation of q and k (in `dtype`) at these positions reads."""
+        return self.ops.rope_step(positions, self.cos_sin_cache, self.head_dim, dtype)
