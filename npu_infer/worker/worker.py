@@ -99,7 +99,7 @@ class Worker:
         self.memory["peak_fresh"] = platform.peak_memory()
         platform.reset_peak_memory()
         self._profile_paged_step()
-        self.memory["peak_paged"] = platform.peak_memory()
+        self.memory["peak_paged"] = platform.peak_memory() if platform.profile_paged_step else None
 
     def _profile_fresh_prefill(self) -> None:
         """max_num_batched_tokens tokens over max_num_seqs fresh prompts, no KV cache."""
@@ -120,19 +120,18 @@ class Worker:
         """One step through the paged attention path that bounds every step serving can make there: max_num_seqs
         decodes and a chunked prefill of max_num_batched_tokens, every sequence max_model_len long.
 
-        The no-cache prefill never meets what grows with the context: on the plain-torch backend (CUDA, CPU
-        prefill) the decodes' K/V gathered and padded to the longest sequence, and a chunk's whole context K/V
+        The no-cache prefill never meets what grows with the context: on the plain-torch backend (CUDA) the
+        decodes' K/V gathered and padded to the longest sequence, and a chunk's whole context K/V
         [2, L, KV heads, head_dim] with its SDPA mask [chunk, L], per layer; the penalties' histories of that
         length; a full slice of prompt logprobs while the batch's sampled logits still live.  A real step has
         at most max_num_seqs sequences and max_num_batched_tokens tokens; this one has one sequence and up to
-        max_num_seqs tokens more: a little larger than any real step, on the safe side (and, being mixed, it
-        keeps the CPU decode stack, which takes pure-decode steps only, from binding the temporary cache).  Every block-table entry
+        max_num_seqs tokens more: a little larger than any real step, on the safe side.  Every block-table entry
         names block 0 of a one-block temporary cache: serving's shapes without a cache that size (the block
-        stays in the measured peak: one block less of KV cache)."""
+        stays in the measured peak: one block less of KV cache).  Skipped where the platform says so (CPU)."""
         cfg = self.config
         context = cfg.max_model_len
         chunk = min(cfg.max_num_batched_tokens, context - 1)  # >= 1 token of context before it: the gather path
-        if chunk < 2:  # contexts of 2 tokens: the fresh prefill is as long as anything here
+        if chunk < 2 or not self.platform.profile_paged_step:  # contexts of 2 tokens: nothing longer to profile
             return
         num_decodes = cfg.max_num_seqs
         layers = self._attention_layers()
@@ -182,7 +181,8 @@ class Worker:
         mem["non_torch"] = max(mem["used"] - in_use_now, 0)    # runtime workspaces, communicators, allocator slack
         mem["activation_peak"] = max(peak_in_use - in_use_before, 0)
         mem["activation_fresh"] = max(mem.get("peak_fresh", 0) - in_use_before, 0)
-        mem["activation_paged"] = max(mem.get("peak_paged", 0) - in_use_before, 0)
+        paged = mem.get("peak_paged")
+        mem["activation_paged"] = None if paged is None else max(paged - in_use_before, 0)
         mem["peak"] = max(mem["used"] + max(peak_in_use - in_use_now, 0), mem["weights"])
         budget = int(mem["total"] * cfg.gpu_memory_utilization)
         if cfg.kv_cache_memory is not None:
@@ -213,8 +213,8 @@ class Worker:
                     self.rank, _gib(mem["total"]), _gib(mem["init_free"]), _gib(budget), cfg.gpu_memory_utilization,
                     _gib(mem["used"]), _gib(in_use_now), _gib(mem["weights"]), _gib(mem["non_torch"]),
                     _gib(mem["activation_peak"]), cfg.max_num_batched_tokens, _gib(mem["activation_fresh"]),
-                    cfg.max_model_len, _gib(mem["activation_paged"]), _gib(mem["peak"]), _gib(kv_bytes), num_blocks,
-                    cfg.block_size)
+                    cfg.max_model_len, "not run on this platform" if paged is None else _gib(mem["activation_paged"]),
+                    _gib(mem["peak"]), _gib(kv_bytes), num_blocks, cfg.block_size)
         return num_blocks
 
     def min_across_ranks(self, value: int) -> int:
