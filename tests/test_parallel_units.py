@@ -197,6 +197,19 @@ def test_node_layouts_are_checked():
     assert output_rank(config) == 3  # TP rank 0 of the last stage samples
 
 
+@pytest.mark.parametrize("addr", ["127.0.0.1", "127.0.1.1", "localhost", "::1", "[::1]", "0.0.0.0"])
+def test_a_loopback_master_addr_on_node_1_is_refused_in_one_sentence(addr):
+    """Left at 127.0.0.1, node 1's ranks would wait for a rendezvous on their own machine until the timeout."""
+    layout = dict(pipeline_parallel_size=2, nnodes=2, master_port=1234)
+    with pytest.raises(ValueError) as refused:
+        check_parallel_config(_config(node_rank=1, master_addr=addr, **layout))
+    assert str(refused.value) == (f"--master-addr {addr} names this machine, not node 0; on node 1 pass node 0's "
+                                  "network address (the same --master-addr as node 0's)")
+    check_parallel_config(_config(node_rank=0, master_addr=addr, **layout))  # node 0 holds the store itself
+    check_parallel_config(_config(node_rank=1, master_addr="10.0.0.1", **layout))
+    check_parallel_config(_config(node_rank=1, master_addr="node0.cluster", **layout))  # names are not resolved
+
+
 def test_worker_command_takes_the_server_flags_and_ignores_server_only_ones():
     args, ignored = worker_parser().parse_known_args(
         ["--model", "m", "-tp", "2", "-pp", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",

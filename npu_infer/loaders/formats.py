@@ -3,7 +3,7 @@ tensor) pairs. A leaf of the loaders: the dispatcher (registry.py) and the loade
 back (only the readers of the HF-named formats)."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -88,15 +88,19 @@ def source_format(config: EngineConfig) -> str:
     return "auto"
 
 
-def iterate_source_weights(config: EngineConfig, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) pairs from a checkpoint in an HF-named format: auto/safetensors/pt, gguf, tensorizer."""
+def iterate_source_weights(config: EngineConfig, fmt: str,
+                           owns: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) pairs from a checkpoint in an HF-named format: auto/safetensors/pt, gguf, tensorizer.
+
+    `owns` (the model's owns_weight): GGUF skips the tensors it rejects before dequantizing them, the costly
+    part; the other formats yield every tensor (a read, not a conversion) and the model's load_weights skips."""
     if fmt in ("auto", "safetensors", "pt"):
         return iterate_weights(weight_files(config.model_path, fmt))
     if fmt == "gguf":
         if not is_gguf(config.model_path):
             raise ValueError(f"--load-format gguf needs a .gguf file, but {config.model_path} is not one")
         from npu_infer.loaders.gguf_loader import iterate_gguf_weights  # lazy: importing gguf takes ~0.1 s
-        return iterate_gguf_weights(config.model_path)
+        return iterate_gguf_weights(config.model_path, owns=owns)
     if fmt == "tensorizer":
         return iterate_tensorizer_weights(config.model_path)
     raise ValueError(f"load format {fmt!r} does not hold HF-named full tensors")

@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -307,8 +307,10 @@ def iterate_gguf_weights(
     *,
     dtype: torch.dtype = torch.float32,
     show_progress: bool = True,
+    owns: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, tensor)`` for every model tensor of a GGUF file.
+    """Yield ``(hf_name, tensor)`` for every model tensor of a GGUF file (with ``owns``, only those whose HF name
+    it accepts: a pipeline stage's own, so no rank dequantizes the other stages' layers).
 
     Tensors are dequantized to float32 (then cast to ``dtype``), reshaped to
     the HF layout (GGUF lists dimensions innermost-first, so the HF shape is
@@ -339,7 +341,8 @@ def iterate_gguf_weights(
                 f"GGUF tensor {t.name!r} of {path} has type {t.tensor_type.name}, which is not supported; "
                 "supported types: " + ", ".join(q.name for q in SUPPORTED_TYPES) + "."
             )
-        plan.append((t, hf_name))
+        if owns is None or owns(hf_name):  # every type checked above, only this rank's tensors dequantized
+            plan.append((t, hf_name))
 
     for t, hf_name in tqdm(plan, desc="Loading GGUF tensors", unit="tensor", disable=not show_progress):
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))

@@ -28,6 +28,6 @@ def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
     elif checkpoint_quant_method(config.hf_config) == "compressed-tensors":  # int8, served as it is stored
         load_compressed_tensors(model, config, checkpoint_quant_config(config.hf_config))
     else:
-        feed_weights(model, iterate_source_weights(config, fmt))
+        feed_weights(model, iterate_source_weights(config, fmt, getattr(model, "owns_weight", None)))
     if config.quantization in INT8_SCHEMES:  # quantize on load, whatever the full-precision source
         quantize_linears_int8(model, config.quantization)

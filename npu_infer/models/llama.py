@@ -157,7 +157,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            if not self._is_local(name):
+            if not self.owns_weight(name):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 if self.model.embed_tokens is not None:
@@ -206,7 +206,8 @@ class LlamaForCausalLM(nn.Module):
                 keys.append(f"{name}#None")
         return keys
 
-    def _is_local(self, name: str) -> bool:
+    def owns_weight(self, name: str) -> bool:
+        """Whether this rank's stage holds the checkpoint tensor `name` (loaders skip the others unread)."""
         if name.startswith("model.layers."):
             index = int(name.split(".")[2])
             return self.model.start_layer <= index < self.model.end_layer

@@ -22,6 +22,9 @@ class Platform:
     dist_backend: str = ""
     # When False the KV budget is clipped to free memory instead of refused (host memory is shared by design).
     strict_memory_budget: bool = True
+    # profile_run's second step through the paged path at max_model_len (Worker._profile_paged_step): the device
+    # transients that grow with the context, which the KV budget must leave room for.
+    profile_paged_step: bool = True
 
     @classmethod
     def is_available(cls) -> bool:

@@ -2,6 +2,7 @@
 the rendezvous address."""
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from npu_infer.config import EngineConfig
@@ -34,6 +35,22 @@ def check_parallel_config(config: EngineConfig) -> None:
     if config.nnodes > 1 and config.master_port is None:
         raise ValueError("multi-node runs need --master-port (and --master-addr, rank 0's node address) "
                          "on every node")
+    if config.node_rank >= 1 and _is_this_machine(config.master_addr):
+        # Node 0's rendezvous store is not on this machine: the ranks here would wait for it until the timeout.
+        raise ValueError(f"--master-addr {config.master_addr} names this machine, not node 0; on node "
+                         f"{config.node_rank} pass node 0's network address (the same --master-addr as node 0's)")
+
+
+def _is_this_machine(addr: str) -> bool:
+    """Loopback (127.x, ::1, localhost) or the unspecified address (0.0.0.0, ::): never another node."""
+    host = addr.strip().strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a host name: resolving it here could hang, and it may well name node 0
+    return ip.is_loopback or ip.is_unspecified
 
 
 def ranks_of_node(config: EngineConfig, node_rank: int) -> range:

@@ -4,6 +4,7 @@ With pp=2 the sampling rank lives on node 1, so steps reach it through rank 0's 
 come back through rank 0: the multi-node paths, over the same torch.distributed rendezvous as real nodes."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,11 @@ from npu_infer import LLM, SamplingParams
 
 ENGINE = dict(device="cpu", dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
               kv_cache_memory="4MiB", skip_tokenizer_init=True)
+# Node 1 reaches node 0's store by this machine's host name: a loopback --master-addr is refused on node >= 1
+# (on real nodes it is always a mistake), and node 0's rendezvous store listens on every interface.
 FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4",
          "--kv-cache-memory", "4MiB", "--skip-tokenizer-init", "-pp", "2", "--nnodes", "2", "--node-rank", "1",
-         "--master-addr", "127.0.0.1", "--host", "0.0.0.0", "--port", "8000"]  # server-only flags are ignored
+         "--master-addr", socket.gethostname(), "--host", "0.0.0.0", "--port", "8000"]  # server-only flags ignored
 PROMPTS = [[1, 2, 3, 4, 5], [(5 * j) % 200 + 1 for j in range(37)]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 

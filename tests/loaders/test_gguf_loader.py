@@ -256,3 +256,56 @@ def test_path_with_copy_is_not_served_stale(write_tiny_gguf, tmp_path):
     shutil.copy(p2, target)
     os.utime(target, ns=(1, 1))  # a different mtime even on coarse clocks
     assert load_gguf_config(target).model_type == "qwen2"
+
+
+# Loaded into every process the PP test starts (sitecustomize): counts the tensors each rank dequantizes.
+_DEQUANT_SPY = '''"""Test spy (tests/loaders/test_gguf_loader.py): one line per dequantized tensor, a file per rank."""
+import os, sys
+sys.path.insert(0, os.environ["GGUF_SPY_REPO"])  # this checkout's npu_infer, before the spawn sets sys.path
+from npu_infer.loaders import gguf_loader
+_dequantize = gguf_loader.dequantize
+
+def dequantize(*args, **kwargs):
+    import torch.distributed as dist
+    rank = dist.get_rank() if dist.is_initialized() else "engine"
+    with open(os.path.join(os.environ["GGUF_SPY_DIR"], f"rank-{rank}"), "a") as f:
+        f.write(f"{kwargs.get('shape', args[2] if len(args) > 2 else None)}\\n")
+    return _dequantize(*args, **kwargs)
+
+gguf_loader.dequantize = dequantize
+'''
+
+
+def test_each_pipeline_stage_dequantizes_only_its_own_tensors(write_tiny_gguf, tmp_path, monkeypatch):
+    """pp=2 over gloo: rank 0 dequantizes the embedding and layer 0, rank 1 layer 1, the final norm and the tied
+    embedding it uses as its LM head; nothing of the other stage.  The tokens are pp=1's."""
+    from npu_infer import LLM, SamplingParams
+
+    path, _ = write_tiny_gguf("qwen2", tie=True)  # 2 layers: one per stage
+    names = [t.name for t in gguf.GGUFReader(path).tensors]
+    stage = {0: {"token_embd.weight"}, 1: {"output_norm.weight", "token_embd.weight"}}
+    own = {rank: [n for n in names if n.startswith(f"blk.{rank}.") or n in stage[rank]] for rank in (0, 1)}
+    assert len(names) == 2 * 12 + 2 and [len(own[0]), len(own[1])] == [13, 14]  # 9 weights + 3 biases a layer
+
+    engine = dict(device="cpu", dtype="float32", kv_cache_memory="4MiB", skip_tokenizer_init=True, max_model_len=128,
+                  max_num_seqs=4, max_num_batched_tokens=32)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [1, 5, 9, 30, 7]}, {"prompt_token_ids": list(range(40, 73))}]
+    llm = LLM(path, **engine)
+    reference = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    del llm
+
+    spy, counts = tmp_path / "spy", tmp_path / "counts"
+    spy.mkdir(), counts.mkdir()
+    (spy / "sitecustomize.py").write_text(_DEQUANT_SPY)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(spy), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("GGUF_SPY_REPO", str(Path(__file__).resolve().parents[2]))
+    monkeypatch.setenv("GGUF_SPY_DIR", str(counts))
+    llm = LLM(path, pipeline_parallel_size=2, **engine)
+    try:
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    finally:
+        llm.engine.shutdown()
+    seen = {f.name: len(f.read_text().splitlines()) for f in counts.iterdir()}
+    assert seen == {"rank-0": len(own[0]), "rank-1": len(own[1])}  # each rank loaded, so each got all of its own
+    assert tokens == reference
