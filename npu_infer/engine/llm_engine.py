@@ -2,6 +2,7 @@
 free) -> outputs, one step at a time."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -213,8 +214,9 @@ class LLMEngine:
         masks = None
         rows = [(r.request_id, r.logits_rules, r.output_token_ids) for r, n in sched.scheduled
                 if r.logits_rules is not None and r.num_computed_tokens + n == r.num_tokens]
-        if rows:
-            masks = gather_step_masks(rows, self.vocab_size, lambda m, b: self.structured_outputs.fill_bitmask(m, b))
+        if rows:  # built by the model runner once the forward is queued (StepInput.logits_masks)
+            masks = functools.partial(gather_step_masks, rows, self.vocab_size,
+                                      lambda m, b: self.structured_outputs.fill_bitmask(m, b))
         new_requests: list[NewRequest] = []
         chunks = [self._chunk(r, n, new_requests) for r, n in sched.scheduled]
         step_input = StepInput(chunks, new_requests, self.scheduler.take_finished_req_ids(), masks)

@@ -158,7 +158,9 @@ class ModelRunner:
             pp.send(residual, pp.next_rank)
             current_platform().synchronize()  # nothing here waits for the device: the pinned inputs must be read
             return None
-        return self._sample(chunks, hidden, meta, step.logits_masks)
+        # Built now, after the forward was queued: a device runs it while the host fills the bitmask.
+        masks = step.logits_masks() if callable(step.logits_masks) else step.logits_masks
+        return self._sample(chunks, hidden, meta, masks)
 
     def _sample(self, chunks: list[SeqChunk], hidden: torch.Tensor, meta: AttentionMetadata,
                 masks: LogitsMasks | None = None) -> StepOutput:

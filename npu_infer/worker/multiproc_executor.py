@@ -81,7 +81,7 @@ class MultiprocExecutor(Executor):
         return [answers[conn] for conn in self.conns]
 
     def execute(self, step: StepInput) -> StepOutput:
-        self._send("execute", step)
+        self._send("execute", step.with_masks_built())
         return self._wait([self._output_conn], "execute", self.step_timeout)[self._output_conn]
 
     def ping(self, payload: object = None) -> None:

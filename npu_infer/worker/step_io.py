@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,7 +53,16 @@ class StepInput:
     chunks: list[SeqChunk]
     new_requests: list[NewRequest] = field(default_factory=list)  # before the chunks that name them
     finished_ids: list[str] = field(default_factory=list)  # the workers drop what they keep of these
-    logits_masks: LogitsMasks | None = None
+    # Built by the engine's host-side rules (grammars, bans). In one process the model runner calls it after the
+    # model's forward was queued, so on a device the host fills the bitmask while the device runs the forward (as
+    # vLLM v1 asks for the grammar bitmask after dispatching execute_model); to worker processes it is sent built.
+    logits_masks: LogitsMasks | Callable[[], LogitsMasks | None] | None = None
+
+    def with_masks_built(self) -> StepInput:
+        """This step with its logits masks built (what crosses a process boundary)."""
+        if not callable(self.logits_masks):
+            return self
+        return dataclasses.replace(self, logits_masks=self.logits_masks())
 
 
 @dataclass

@@ -83,3 +83,20 @@ def test_offline_chat_passes_tools_to_the_template(tiny_chat_model_dir):
     out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1), chat_template=template,
                    tools=tools)[0]
     assert llm.get_tokenizer().decode(out.prompt_token_ids) == "get_weather;hi"
+
+
+def test_the_bitmask_is_filled_after_the_forward_is_queued(tiny_chat_model_dir):
+    """In one process the grammar bitmask is built after the model's forward was issued and before sampling, so
+    a device runs the forward while the host fills it (on the CPU backend the two simply follow each other)."""
+    llm = LLM(str(tiny_chat_model_dir), **ENGINE)
+    events = []
+    model = llm.engine.executor.worker.model
+    forward = model.forward
+    model.forward = lambda *a, **kw: (events.append("forward"), forward(*a, **kw))[1]
+    manager = llm.engine.structured_outputs
+    fill = manager.fill_bitmask
+    manager.fill_bitmask = lambda *a: (events.append("bitmask"), fill(*a))[1]
+    out = llm.generate(["a"], _regex_params())[0].outputs[0]
+    assert re.fullmatch(PATTERN, out.text)
+    steps = [events[i:i + 2] for i in range(0, len(events), 2)]
+    assert steps and all(step == ["forward", "bitmask"] for step in steps), events
