@@ -109,8 +109,10 @@ class EngineConfig:
         None, "exact KV-cache size, in bytes or with a unit (4GiB, 512MB, or vLLM's 4G = 4 * 2**30); overrides the "
               "profiled budget", "device", "--kv-cache-memory-bytes")
     num_gpu_blocks_override: int | None = option(None, "use exactly this many KV-cache blocks (for tests)", "device")
-    enable_prefix_caching: bool = option(False, "reuse the KV blocks of prompts that share a prefix with earlier "
-                                                "ones", "device", action=argparse.BooleanOptionalAction)
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompts that share a prefix with earlier "
+                                               "ones (on by default, as in vLLM's V1 engine; "
+                                               "--no-enable-prefix-caching turns it off)", "device",
+                                         action=argparse.BooleanOptionalAction)
     # ---- scheduler ----
     max_num_seqs: int = option(256, "most sequences in one step (batch size cap)", "scheduler")
     max_num_batched_tokens: int | None = option(None, "token budget of one step (prefill chunks + decodes); default "

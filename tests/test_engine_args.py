@@ -48,7 +48,9 @@ def test_the_comparison_sees_a_hand_written_flag():
     assert flag_differences(server_parser(), by_hand) == [
         "enable_prefix_caching.option_strings: ['--enable-prefix-caching'] != "
         "['--enable-prefix-caching', '--no-enable-prefix-caching']",
-        "enable_prefix_caching.help: None != 'reuse the KV blocks of prompts that share a prefix with earlier ones'",
+        "enable_prefix_caching.default: False != True",
+        "enable_prefix_caching.help: None != \"reuse the KV blocks of prompts that share a prefix with earlier ones "
+        "(on by default, as in vLLM's V1 engine; --no-enable-prefix-caching turns it off)\"",
         "enable_prefix_caching: _StoreTrueAction != BooleanOptionalAction"]
 
 

@@ -80,6 +80,11 @@ def test_served_model_names_and_api_keys(monkeypatch):
         "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"]
 
 
+def test_prefix_caching_on_by_default_as_vllm_v1():
+    assert parse_serve_args([]).enable_prefix_caching is True
+    assert engine_config_from_args(parse_serve_args(["/m", "--no-enable-prefix-caching"])).enable_prefix_caching is False
+
+
 def test_request_logging_follows_vllm():
     assert log_requests(parse_serve_args([])) is False  # vLLM's default
     assert log_requests(parse_serve_args(["--enable-log-requests"])) is True
