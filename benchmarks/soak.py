@@ -242,6 +242,12 @@ def run(args, base_url: str, pid: int | None) -> dict:
                                        daemon=True) for i in range(args.concurrency)]
     for t in client_threads:
         t.start()
+    samples = []  # (minutes, RSS MiB) each minute: a leak climbs steadily, a high-water mark levels off
+    while any(t.is_alive() for t in client_threads):
+        time.sleep(1)
+        minute = int((time.monotonic() - start) // 60)
+        if minute > len(samples) - 1 and minute * 60 <= args.minutes * 60 and (rss := rss_bytes(pid)):
+            samples.append((minute, round(rss / 2**20, 1)))
     for t in client_threads:
         t.join()
     elapsed = time.monotonic() - start
@@ -263,6 +269,7 @@ def run(args, base_url: str, pid: int | None) -> dict:
         "rss_start_mib": round(rss_start / 2**20, 1) if rss_start else None,
         "rss_end_mib": round(rss_end / 2**20, 1) if rss_end else None,
         "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2) if rss_start and rss_end else None,
+        "rss_each_minute_mib": samples,
         "kv_blocks_in_use_after": after.get("npu_infer:kv_cache_blocks_used"),
         "requests_running_after": after.get("vllm:num_requests_running"),
         "preemptions": after.get("vllm:num_preemptions_total"),
@@ -306,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"5xx: {result['5xx']}; client-side exceptions: {result['client_exceptions'] or 0}")
     print(f"latency of good requests: p50 {result['latency_p50_s']} s, p99 {result['latency_p99_s']} s")
     print(f"server RSS: {result['rss_start_mib']} MiB after warm-up -> {result['rss_end_mib']} MiB at the end "
-          f"({result['rss_growth_pct']} %)")
+          f"({result['rss_growth_pct']} %); each minute: "
+          f"{' '.join(str(mib) for _, mib in result['rss_each_minute_mib'])}")
     print(f"after the run: {result['kv_blocks_in_use_after']} KV blocks in use, "
           f"{result['requests_running_after']} requests running; {result['preemptions']} preemptions in all")
     line = json.dumps(result)
