@@ -484,4 +484,50 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Structured outputs' token bitmask (xgrammar's packed layout: token v is allowed when bit v % 32 of word v / 32
+// is set) applied in place: logits[rows[b], v] = -inf for every banned v, and for every v past the mask's
+// 32 * words bits (a vocabulary padded beyond the tokenizer's). One pass, 32 tokens per word, whole words of
+// allowed tokens skipped: torch's unpack-then-masked_fill took 2.2 ms for 16 x 49152, mostly the unpacking.
+template <typename T>
+void ban_by_bitmask_impl(const at::Tensor& logits, const at::Tensor& bitmask, const at::Tensor& rows) {
+  const int64_t vocab = logits.size(1), words = bitmask.size(1);
+  const int64_t covered = std::min(words * 32, vocab);
+  const int32_t* mask = bitmask.data_ptr<int32_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
+  T* base = logits.data_ptr<T>();
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  at::parallel_for(0, rows.numel(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      T* out = base + row[b] * logits.stride(0);
+      const uint32_t* w = reinterpret_cast<const uint32_t*>(mask + b * bitmask.stride(0));
+      for (int64_t v = 0; v < covered; v += 32) {
+        const uint32_t banned = ~w[v / 32];
+        if (banned == 0) continue;
+        const __mmask16 lo = __mmask16(banned & 0xFFFF) & tail_mask(covered - v);
+        const __mmask16 hi = __mmask16(banned >> 16) & tail_mask(std::max<int64_t>(covered - v - 16, 0));
+        store16_masked(out + v, neg_inf, lo);
+        if (hi) store16_masked(out + v + 16, neg_inf, hi);
+      }
+      for (int64_t v = covered; v < vocab; v += 16) store16_masked(out + v, neg_inf, tail_mask(vocab - v));
+    }
+  });
+}
+
+void ban_by_bitmask_(const at::Tensor& logits, const at::Tensor& bitmask, const at::Tensor& rows) {
+  check_float("ban_by_bitmask_", "logits", logits);
+  check_rows("ban_by_bitmask_", "logits", logits, "[rows, vocab]");
+  check_cpu("ban_by_bitmask_", "bitmask", bitmask);
+  TORCH_CHECK(bitmask.scalar_type() == at::kInt && bitmask.dim() == 2 && bitmask.stride(1) == 1,
+              "ban_by_bitmask_: bitmask must be int32 [masked rows, words] with unit column stride, got ",
+              bitmask.scalar_type(), " sizes ", bitmask.sizes(), " strides ", bitmask.strides());
+  check_index_tensor("ban_by_bitmask_", "rows", rows, at::kLong, bitmask.size(0));
+  const int64_t* row = rows.data_ptr<int64_t>();
+  for (int64_t b = 0; b < rows.numel(); ++b)
+    TORCH_CHECK(row[b] >= 0 && row[b] < logits.size(0), "ban_by_bitmask_: rows[", b, "] = ", row[b],
+                " is outside the ", logits.size(0), " rows of logits");
+  if (is_bf16(logits)) ban_by_bitmask_impl<bf16>(logits, bitmask, rows);
+  else ban_by_bitmask_impl<float>(logits, bitmask, rows);
+}
+
 }  // namespace npu_infer_kernels

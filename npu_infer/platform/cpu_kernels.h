@@ -34,4 +34,9 @@ at::Tensor pack_linear(const at::Tensor& weight);
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n,
                          const c10::optional<at::Tensor>& bias, bool fp32_out);
 
+// Structured outputs: logits [R, V] fp32 or bf16 (in place) gets -inf at each token whose bit is 0 in
+// bitmask [B, W] int32 (xgrammar's packed layout), row b of the mask going to logits row rows[b] ([B] int64);
+// tokens past the mask's 32 * W bits are banned too.
+void ban_by_bitmask_(const at::Tensor& logits, const at::Tensor& bitmask, const at::Tensor& rows);
+
 }  // namespace npu_infer_kernels

@@ -20,6 +20,11 @@ class CpuOps(TorchOps):
     def __init__(self, kernels: ModuleType):
         self.kernels = kernels
 
+    def ban_by_bitmask_(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        if logits.device.type != "cpu" or not _rows(logits) or bitmask.dtype != torch.int32 or bitmask.stride(-1) != 1:
+            return super().ban_by_bitmask_(logits, bitmask, rows)
+        self.kernels.ban_by_bitmask_(logits, bitmask, torch.tensor(rows, dtype=torch.int64))
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if not _rows(x) or weight.dtype != x.dtype:
             return super().rms_norm(x, weight, eps)

@@ -20,7 +20,31 @@ class RopeStep:
     sin: torch.Tensor | None = None  # [T, 1, head_dim] cat(-sin, sin)
 
 
+_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_values(device: torch.device) -> torch.Tensor:
+    """1 << i for i in 0..31 as int32 (bit 31 is the sign bit)."""
+    if device not in _BITS:
+        _BITS[device] = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device)
+    return _BITS[device]
+
+
 class TorchOps:
+    def ban_by_bitmask_(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Structured outputs: logits[rows[b], v] = -inf where bit v of bitmask[b] (xgrammar's packed int32 words,
+        on the logits' device) is 0, and past the mask's bits (a vocabulary padded beyond the tokenizer's)."""
+        vocab = logits.shape[1]
+        banned = (bitmask.unsqueeze(-1) & _bit_values(logits.device)).eq(0).flatten(1)
+        if banned.shape[1] < vocab:
+            banned = F.pad(banned, (0, vocab - banned.shape[1]), value=True)
+        banned = banned[:, :vocab]
+        if rows == list(range(len(logits))):  # every row, in order (the common case): no gather and scatter
+            logits.masked_fill_(banned, float("-inf"))
+        else:
+            index = torch.tensor(rows, dtype=torch.long).to(logits.device)
+            logits[index] = logits[index].masked_fill_(banned, float("-inf"))
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), weight, eps)

@@ -170,7 +170,8 @@ class ModelRunner:
             last_token = np.cumsum(meta.query_lens_cpu)[rows] - 1  # each sampled row's newest token
             logits = self.model.compute_logits(hidden[torch.from_numpy(last_token).to(self.device)])
             if masks is not None:  # structured outputs, allowed ids, bad words, logit_bias, min_tokens
-                logits = apply_logits_masks(logits.float(), masks, {chunks[i].request_id: j for j, i in enumerate(rows)})
+                logits = apply_logits_masks(logits.float(), masks, {chunks[i].request_id: j for j, i in enumerate(rows)},
+                                            current_platform().fused_ops())
             try:
                 results = self._sample_rows([chunks[i] for i in rows], logits)
             except Exception:  # noqa: BLE001 -- one row's failure: sample row by row, so only that row fails

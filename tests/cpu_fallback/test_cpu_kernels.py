@@ -186,6 +186,39 @@ def test_a_block_id_outside_the_cache_raises_on_both_paths(kernels, bad):
         _attend(CpuAttentionBackend(kernels), q, k, v, cache.clone(), *args)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab,words", [(49152, 1536), (49157, 1537), (49200, 1536), (40, 1)])
+def test_bitmask_ban_equals_xgrammar_and_the_torch_path(kernels, dtype, vocab, words):
+    """Rows of the mask go to the given logits rows; bits past the vocabulary are ignored and tokens past the
+    mask's bits banned (a padded vocabulary); untouched rows stay as they were."""
+    import numpy as np
+    import xgrammar as xgr
+    from npu_infer.platform.cpu_ops import CpuOps
+    rng = np.random.default_rng(vocab)
+    bitmask = torch.from_numpy(rng.integers(-2 ** 31, 2 ** 31, size=(3, words), dtype=np.int32))
+    bitmask[0] = -1  # all allowed
+    rows = [4, 0, 2]
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    got, twin = logits.clone(), logits.clone()
+    CpuOps(kernels).ban_by_bitmask_(got, bitmask, rows)
+    TorchOps().ban_by_bitmask_(twin, bitmask, rows)
+    want = logits.float().clone()
+    full = torch.zeros(5, max(words, (vocab + 31) // 32), dtype=torch.int32)  # xgrammar: rows with no mask
+    full[:] = -1
+    full[rows, :words] = bitmask
+    xgr.apply_token_bitmask_inplace(want, full[:, :(vocab + 31) // 32], vocab_size=min(vocab, 32 * words))
+    want[:, 32 * words:] = float("-inf")
+    want[[1, 3]] = logits[[1, 3]].float()
+    assert torch.equal(got.float(), want) and torch.equal(twin, got)
+
+
+def test_bitmask_ban_refuses_a_row_outside_the_logits(kernels):
+    logits = torch.zeros(2, 64)
+    with pytest.raises(RuntimeError, match=r"rows\[0\] = 2 is outside the 2 rows"):
+        kernels.ban_by_bitmask_(logits, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([2]))
+    assert torch.equal(logits, torch.zeros(2, 64))
+
+
 def test_kernels_name_the_argument_that_is_wrong(kernels):
     """Each refusal says which argument is wrong and what it must be (it said "bad arguments")."""
     cache = torch.zeros(2, 2, 4, 16, 64)

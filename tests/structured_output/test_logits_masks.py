@@ -10,6 +10,7 @@ import xgrammar as xgr
 
 from npu_infer.engine.logits_rules import allowed_bitmask, gather_step_masks, make_rules
 from npu_infer.sampling import SamplingParams
+from npu_infer.platform.torch_ops import TorchOps
 from npu_infer.worker.logits_masks import apply_logits_masks
 from npu_infer.worker.step_io import LogitsMasks
 
@@ -25,7 +26,7 @@ def test_packed_bitmask_matches_xgrammar_apply():
     want = logits.clone()
     xgr.apply_token_bitmask_inplace(want, torch.from_numpy(bitmask))  # xgrammar's own reading of the bits
     got = apply_logits_masks(logits.clone(), LogitsMasks(["a", "b", "c"], bitmask, [], np.zeros(0, np.int64),
-                                                         np.zeros(0, np.float32)), {"a": 0, "b": 1, "c": 2})
+                                                         np.zeros(0, np.float32)), {"a": 0, "b": 1, "c": 2}, TorchOps())
     assert torch.equal(got, want)
     for row, ids in enumerate(allowed):
         assert torch.isfinite(got[row]).nonzero().flatten().tolist() == ids
