@@ -3,15 +3,15 @@ grammar for tool_choice "required" / a named function, parsed by --tool-call-par
 OpenAI-framed stream deltas."""
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from npu_infer.api.errors import bad_request
 from npu_infer.api.protocol import (ChatCompletionRequest, ChatResponseMessage, DeltaFunctionCall, DeltaMessage,
                                     DeltaToolCall, FunctionCall, NamedToolChoice, ToolCall, random_id)
-from npu_infer.api.tool_parsers import ParsedCall, get_tool_parser
-from npu_infer.api.tool_parsers.parsed import partial_suffix
+from npu_infer.api.tool_parsers import CallFormat, CallPiece, CallStream, ParsedCall, get_tool_parser
+from npu_infer.api.tool_parsers.required import REQUIRED
 from npu_infer.reasoning import ReasoningParser, get_reasoning_parser
+from npu_infer.reasoning.stream import ReasoningStream
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
@@ -20,25 +20,23 @@ EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 class ToolPlan:
     mode: str = "none"                  # none | auto | required | named
     name: str | None = None             # the named function
-    parser: object | None = None        # the tool-call parser, for auto
+    parser: CallFormat | None = None    # the tool-call parser, for auto
     parallel: bool = True
     schema: dict | None = None          # the JSON schema that forces required / named calls
 
+    def call_format(self) -> CallFormat | None:
+        """The format the calls are read in: the --tool-call-parser's for auto, the forced array for required."""
+        return self.parser if self.mode == "auto" else REQUIRED if self.mode == "required" else None
+
     def calls_from(self, text: str) -> tuple[str | None, list[ParsedCall]]:
-        """(content, calls) of a finished answer; content stays whole when the calls cannot be read."""
+        """(content, calls) of a finished answer; text that does not read as calls stays content."""
         if self.mode == "named":
             return None, [ParsedCall(self.name, text)]
-        if self.mode == "required":
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError:
-                return text, []  # cut short (max_tokens): the text as it is
-            calls = [ParsedCall(i["name"], json.dumps(i.get("parameters", {}), ensure_ascii=False)) for i in items]
-            return None, calls
-        if self.mode == "auto":
-            content, calls = self.parser.parse(text)
-            return content, calls if self.parallel else calls[:1]
-        return text, []
+        fmt = self.call_format()
+        if fmt is None:
+            return text, []
+        content, calls = fmt.parse(text)
+        return content, calls if self.parallel else calls[:1]
 
 
 def tool_plan(req: ChatCompletionRequest, enable_auto: bool, parser_name: str | None) -> ToolPlan:
@@ -92,70 +90,67 @@ def final_message(text: str, finish_reason: str | None, plan: ToolPlan, reasonin
 
 @dataclass
 class ChoiceStream:
-    """One streamed choice: takes each new piece of text and returns the delta to send (None: nothing yet)."""
+    """One streamed choice: takes each new piece of text and returns the delta to send (None: nothing yet). Each
+    piece is read once: the reasoning split, then the tool calls, both incremental."""
     plan: ToolPlan
     reasoning: ReasoningParser | None
     include_reasoning: bool = True
-    text: str = ""
-    reasoning_sent: int = 0
-    content_sent: int = 0
     named_started: bool = False
-    calls_sent: bool = False
     called: bool = False  # tool calls went out (auto / required): finish_reason "tool_calls"
+    split: ReasoningStream | None = field(init=False)
+    calls: CallStream | None = field(init=False)
+
+    def __post_init__(self):
+        self.split = ReasoningStream(self.reasoning) if self.reasoning is not None else None
+        fmt = self.plan.call_format()
+        self.calls = fmt.stream() if fmt is not None else None
 
     def finish_reason(self, reason: str | None) -> str | None:
         return "tool_calls" if self.called and reason == "stop" else reason
 
     def update(self, new_text: str, finished: bool) -> DeltaMessage | None:
-        self.text += new_text
-        text = self.text
-        if self.reasoning is not None:
-            if not finished:  # a tag may be arriving: hold its start back
-                text = text[:len(text) - partial_suffix(text, self.reasoning.end)]
-                if self.reasoning.start.startswith(text.lstrip()):
-                    text = ""
-            reasoning_text, content = self.reasoning.split(text)
-        else:
-            reasoning_text, content = None, text
-        reasoning_text, content = reasoning_text or "", content or ""
+        reasoning_text, content = self.split.feed(new_text, finished) if self.split else ("", new_text)
         delta = DeltaMessage()
-        if reasoning_text[self.reasoning_sent:] and self.include_reasoning:
-            delta.reasoning_content = reasoning_text[self.reasoning_sent:]
-        self.reasoning_sent = max(self.reasoning_sent, len(reasoning_text))
+        if reasoning_text and self.include_reasoning:
+            delta.reasoning_content = reasoning_text
         self._route_content(content, finished, delta)
         return delta if delta.model_dump() else None
 
     def _route_content(self, content: str, finished: bool, delta: DeltaMessage) -> None:
-        mode = self.plan.mode
-        if mode == "named":  # arguments stream as they come, under one call opened by the first chunk
-            new = content[self.content_sent:]
-            self.content_sent = len(content)
-            if not new and not (finished and not self.named_started):
+        if self.plan.mode == "named":  # arguments stream as they come, under one call opened by the first chunk
+            if not content and not (finished and not self.named_started):
                 return
-            call = DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=new))
+            call = DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=content))
             if not self.named_started:
                 call.id, call.type, call.function.name = random_id("chatcmpl-tool"), "function", self.plan.name
                 self.named_started = True
             delta.tool_calls = [call]
             return
-        calls: list[ParsedCall] = []
-        if finished and mode in ("required", "auto") and not self.calls_sent:
-            self.calls_sent = True
-            _, calls = self.plan.calls_from(content)
-        sure = len(content)  # plain chat; or a finished answer with no call after all: the held text is content
-        if mode == "required" and (calls or not finished):
-            sure = 0
-        elif mode == "auto" and (calls or not finished):
-            sure = self.plan.parser.content_end(content)
-        if sure > self.content_sent:
-            delta.content = content[self.content_sent:sure]
-            self.content_sent = sure
-        if calls:
+        if self.calls is None:
+            delta.content = content or None
+            return
+        content, pieces = self.calls.feed(content, finished)
+        delta.content = content or None
+        tool_calls = _delta_tool_calls(pieces if self.plan.parallel else [p for p in pieces if p.index == 0])
+        if tool_calls:
             self.called = True
-            delta.tool_calls = [DeltaToolCall(index=i, id=c.id, type="function",
-                                              function=DeltaFunctionCall(name=c.function.name,
-                                                                         arguments=c.function.arguments))
-                                for i, c in enumerate(_tool_calls(calls))]
+            delta.tool_calls = tool_calls
+
+
+def _delta_tool_calls(pieces: list[CallPiece]) -> list[DeltaToolCall]:
+    """OpenAI's framing: a call opens with its id, type and name (and the arguments so far), then sends only more
+    arguments; one entry per call in a delta."""
+    calls: dict[int, DeltaToolCall] = {}
+    for piece in pieces:
+        call = calls.get(piece.index)
+        if call is not None:
+            call.function.arguments += piece.arguments
+        elif piece.name is not None:
+            calls[piece.index] = DeltaToolCall(index=piece.index, id=random_id("chatcmpl-tool"), type="function",
+                                               function=DeltaFunctionCall(name=piece.name, arguments=piece.arguments))
+        else:
+            calls[piece.index] = DeltaToolCall(index=piece.index, function=DeltaFunctionCall(arguments=piece.arguments))
+    return list(calls.values())
 
 
 def reasoning_parser(name: str | None) -> ReasoningParser | None:

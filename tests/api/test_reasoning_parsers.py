@@ -40,6 +40,18 @@ def test_stream_reassembles_to_the_split(name, text, piece):
     assert (reasoning or None, content or None) == (want_reasoning, want_content)
 
 
+@pytest.mark.parametrize("name,text", [("deepseek_r1", R1), ("deepseek_r1", "  <think>" + R1), ("deepseek_r1", R1_CUT),
+                                       ("qwen3", QWEN3), ("qwen3", QWEN3_NO_THINK)])
+def test_every_split_point_gives_the_split(name, text):
+    parser = get_reasoning_parser(name)
+    for k in range(len(text) + 1):
+        state = ChoiceStream(ToolPlan(), parser)
+        deltas = [state.update(text[:k], False), state.update(text[k:], True)]
+        reasoning = "".join(d.reasoning_content or "" for d in deltas if d is not None)
+        content = "".join(d.content or "" for d in deltas if d is not None)
+        assert (reasoning or None, content or None) == parser.split(text), k
+
+
 def test_include_reasoning_false_sends_no_reasoning():
     state = ChoiceStream(ToolPlan(), get_reasoning_parser("deepseek_r1"), include_reasoning=False)
     delta = state.update(R1, True)

@@ -1,6 +1,6 @@
 """Structured outputs and tool calls through the openai client against the real server on SmolLM2 (the default
 GGUF model), prefix caching on: every sampled answer follows its schema, regex or choice; forced tool calls have
-arguments valid for the tool's schema, streamed or not; a bad schema is a 400 that says what is wrong."""
+arguments valid for the tool's schema, streamed (as they form) or not; a bad schema is a 400 that says what is wrong."""
 from __future__ import annotations
 
 import json
@@ -99,24 +99,62 @@ def test_forced_tool_call_arguments_follow_the_schema(client, tool_choice):
         assert message.tool_calls[0].function.name == "get_weather" and out.choices[0].finish_reason == "stop"
 
 
+def _fold(stream) -> dict[int, dict]:
+    """Each choice's content, calls (name, arguments, how many deltas carried arguments) and finish_reason, as a
+    client folds the chunks."""
+    choices: dict[int, dict] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            entry = choices.setdefault(choice.index, {"content": "", "calls": {}, "finish": None})
+            entry["finish"] = choice.finish_reason or entry["finish"]
+            entry["content"] += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                call = entry["calls"].get(delta.index)
+                if call is None:  # the opening: id, type and name
+                    assert delta.id.startswith("chatcmpl-tool-") and delta.type == "function" and delta.function.name
+                    call = entry["calls"][delta.index] = {"name": delta.function.name, "arguments": "", "pieces": 0}
+                else:  # then only arguments
+                    assert delta.id is None and delta.function.name is None
+                call["arguments"] += delta.function.arguments or ""
+                call["pieces"] += bool(delta.function.arguments)
+    return choices
+
+
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_streamed_tool_calls_reassemble_into_the_non_streamed_call(client, tool_choice):
-    kwargs = dict(model="", messages=ASK, tools=TOOLS, tool_choice=tool_choice, temperature=0, max_tokens=80)
+    kwargs = dict(model="", messages=ASK, tools=TOOLS, tool_choice=tool_choice, temperature=0, max_tokens=80, n=2)
     whole = client.chat.completions.create(**kwargs).choices[0]
-    calls: dict[int, dict] = {}
-    finish = None
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        for choice in chunk.choices:
-            finish = choice.finish_reason or finish
-            assert not choice.delta.content
-            for delta in choice.delta.tool_calls or []:
-                entry = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
-                entry["id"] = entry["id"] or delta.id
-                entry["name"] += delta.function.name or ""
-                entry["arguments"] += delta.function.arguments or ""
-    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == \
-        [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls]
-    assert all(c["id"] for c in calls.values()) and finish == whole.finish_reason
+    choices = _fold(client.chat.completions.create(**kwargs, stream=True))
+    assert sorted(choices) == [0, 1]  # n=2 at temperature 0: two streams of the same answer
+    for streamed in choices.values():
+        assert not streamed["content"]
+        assert [(c["name"], c["arguments"]) for c in streamed["calls"].values()] == \
+            [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+        assert streamed["finish"] == whole.finish_reason
+        assert all(c["pieces"] > 1 for c in streamed["calls"].values())  # the arguments arrive as they form
+
+
+# A few examples make SmolLM2-135M answer with a hermes call at temperature 0 (its template has no tool format).
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s", "unit": "celsius"}}\n</tool_call>'
+FEW_SHOT = [{"role": "system", "content": "You call tools. To call a tool, answer only with "
+                                          "<tool_call>{JSON}</tool_call>. Tools: get_weather(city, unit)."},
+            *[m for city in ("London", "Tokyo", "Madrid") for m in (
+                {"role": "user", "content": f"What is the weather like in {city} today?"},
+                {"role": "assistant", "content": CALL % city})],
+            *ASK]
+
+
+def test_auto_tool_call_streams_as_it_is_written(client):
+    kwargs = dict(model="", messages=FEW_SHOT, tools=TOOLS, tool_choice="auto", temperature=0, max_tokens=60)
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls" and len(whole.message.tool_calls) == 1, whole.message
+    call = whole.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Paris"
+    (streamed,) = _fold(client.chat.completions.create(**kwargs, stream=True)).values()
+    assert streamed["content"] == (whole.message.content or "") and streamed["finish"] == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in streamed["calls"].values()] == \
+        [(call.function.name, call.function.arguments)]
+    assert streamed["calls"][0]["pieces"] > 1
 
 
 def test_auto_tool_choice_answers_in_text_when_the_model_calls_nothing(client):
