@@ -36,6 +36,16 @@ def _seconds(raw: str | None) -> float | None:
             from None
 
 
+def _alpha(raw: str | None) -> float:
+    try:
+        alpha = 0.75 if raw is None else float(raw)
+    except ValueError:
+        alpha = -1.0
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"NPU_INFER_W8A8_SMOOTHING={raw!r} must be a number from 0 (no smoothing) to 1")
+    return alpha
+
+
 # Like vLLM-CPU's VLLM_CPU_KVCACHE_SPACE default: the host also runs the OS and the server.
 _DEFAULT_CPU_KV_CACHE_CAP = 4 * 1024**3
 
@@ -50,6 +60,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
                                            "later stages taking the rest)", _text),
     EnvVar("NPU_INFER_BNB_QUANT", "bitsandbytes mode when quantizing on load: nf4 (default), fp4 or int8",
            lambda raw: "nf4" if raw is None else raw),
+    EnvVar("NPU_INFER_W8A8_SMOOTHING", "SmoothQuant's alpha for --quantization w8a8 on load (default 0.75; 0: no "
+                                       "smoothing)", lambda raw: _alpha(raw)),
     EnvVar("NPU_INFER_CPU_KERNELS", "0: plain torch ops instead of the AVX-512 C++ kernels", _switch),
     EnvVar("NPU_INFER_CPU_DECODE_STACK", "0: CPU decode steps run through the Python layers, not the C++ decode "
                                          "stack", _switch),

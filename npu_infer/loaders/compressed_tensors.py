@@ -19,11 +19,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from npu_infer import envs
 from npu_infer.config import EngineConfig
 from npu_infer.loaders.conversion import copy_side_files, source_config
 from npu_infer.loaders.formats import detect_load_format, feed_weights, iterate_source_weights, source_format
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES, make_int8, quantize_weight
 from npu_infer.models.layers.linear import LinearBase
+from npu_infer.models.layers.smooth_quant import fold_into_checkpoint
 from npu_infer.optional_deps import import_optional
 
 FORMATS = {"w8a8": "int-quantized", "w8a16": "pack-quantized"}
@@ -159,6 +161,18 @@ def load_compressed_tensors(model: nn.Module, config: EngineConfig, qc: dict) ->
     check_scales(model)
 
 
+def smoothquant_factors(model: str, dtype: str) -> dict:
+    """The SmoothQuant factors quantize-on-load finds for `model`: from an engine that loads it with w8a8 (the
+    same calibration run, on the same weights, in the same process layout)."""
+    from npu_infer.llm import LLM
+    llm = LLM(model, device="cpu", dtype=dtype, quantization="w8a8", skip_tokenizer_init=True, max_model_len=256,
+              kv_cache_memory="16MiB", enable_prefix_caching=False)
+    try:
+        return llm.engine.executor.worker.model.smoothquant_factors
+    finally:
+        llm.engine.shutdown()
+
+
 def write_quantized(model: str, output: str, scheme: str, dtype: str = "bfloat16") -> Path:
     """Quantize checkpoint `model` (safetensors, .bin or GGUF) to `output` as a compressed-tensors checkpoint."""
     if scheme not in INT8_SCHEMES:
@@ -172,7 +186,10 @@ def write_quantized(model: str, output: str, scheme: str, dtype: str = "bfloat16
     if out.resolve() == Path(config.model_path).resolve():
         raise ValueError("--output must differ from the source model directory")
     out.mkdir(parents=True, exist_ok=True)
-    tensors = dict(compress(iterate_source_weights(config, fmt), scheme, config.torch_dtype))
+    weights = iterate_source_weights(config, fmt)
+    if scheme == "w8a8" and envs.NPU_INFER_W8A8_SMOOTHING > 0:  # the SmoothQuant folds quantize-on-load makes
+        weights = fold_into_checkpoint(weights, smoothquant_factors(model, dtype), config.torch_dtype)
+    tensors = dict(compress(weights, scheme, config.torch_dtype))
     copy_side_files(config, out)
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
