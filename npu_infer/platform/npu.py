@@ -123,10 +123,15 @@ class NpuPlatform(Platform):
         """int8 linears (W8A8 / W8A16): their weights transposed, cast to NZ and their scales converted once, for
         torch_npu's int8 matmuls (npu_linear.py). The prepared tensors replace the loaded ones, so each weight is
         held once on the device."""
+        from npu_infer.models.layers.int8_linear import INT8_SCHEMES
         from npu_infer.platform.npu_linear import NpuInt8Linear
         for module in model.modules():
             if getattr(module, "quant_scheme", None) is None:
                 continue
+            if module.quant_scheme not in INT8_SCHEMES:
+                raise ValueError("static W8A8 (an msmodelslim 'W8A8' checkpoint) is served on the CPU only for now: "
+                                 "its NPU path (npu_quantize, then npu_quant_matmul with deq_scale and quant_bias) is "
+                                 "not written yet; on the NPU serve a W8A8_DYNAMIC checkpoint")
             linear = NpuInt8Linear(module.weight.detach(), module.weight_scale.detach(), module.bias,
                                    module.quant_scheme, dtype)
             module.weight = torch.nn.Parameter(linear.weight, requires_grad=False)

@@ -233,7 +233,7 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
     if format_of(w) == FRACTAL_NZ and not OPTIONS["wqbmm_nz"]:
         _reject(op, "nz_graph_only", "a FRACTAL_NZ weight is supported in graph mode only (strict reading of the "
                 "documentation; see configure(wqbmm_nz=...))")
-    (m, k), (k2, n) = x.shape, w.shape
+    k, (k2, n) = x.shape[1], w.shape
     _check(k == k2, op, "weight_2d", f"x {tuple(x.shape)} and weight {tuple(w.shape)} disagree on K: weight must be "
            "(K, N) (the [N, K] weight transposed)")
     _check(1 <= k <= MAX_KN and 1 <= n <= MAX_KN, op, "k_n_range", f"K={k} / N={n} outside [1, 65535]")

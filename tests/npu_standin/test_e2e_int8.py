@@ -9,7 +9,9 @@ Two comparisons per scheme, on the tiny Qwen2 (QKV biases, GQA):
   logprob within 0.11 nats until then, medians 0.02-0.03).
 * NPU through torch_npu's int8 ops against the same engine on the same stand-in with the plain-torch int8 twin
   (int8_linear.py) in their place: every other op is then identical, and W8A8's formulas are the twin's, so the
-  tokens and logprobs are equal exactly; W8A16's differ only by its scale rounded to the model dtype."""
+  tokens and logprobs are equal exactly; W8A16's differ only by its scale rounded to the model dtype.
+An msmodelslim W8A8_DYNAMIC checkpoint takes the same path (the same tokens as its weights quantized on load);
+static W8A8 is refused on the NPU."""
 
 from __future__ import annotations
 
@@ -190,3 +192,28 @@ def test_w8a8_is_refused_on_atlas_300i(npu):
     config = EngineConfig(model="m", quantization="w8a16")
     config.resolve(HF(), NpuPlatform())
     assert config.torch_dtype == torch.float16  # what 310P serves
+
+
+def test_an_msmodelslim_checkpoint_runs_on_the_npu_as_its_weights_quantized_on_load(tiny_qwen2_dir, tmp_path,
+                                                                                  monkeypatch):
+    """W8A8_DYNAMIC from quant_model_description.json takes the same torch_npu path, with the same weights."""
+    from loaders.msmodelslim_writer import write_msmodelslim
+    ckpt = write_msmodelslim(tiny_qwen2_dir, tmp_path / "msmodelslim")
+    served, calls, layers = run_npu(str(ckpt), None, monkeypatch)
+    on_load, _, _ = run_npu(str(tiny_qwen2_dir), "w8a8", monkeypatch)
+    assert len(layers) == 8 and calls.get("npu_quant_matmul")
+    assert [o.outputs[0].token_ids for o in served] == [o.outputs[0].token_ids for o in on_load]
+    assert [o.outputs[0].logprobs for o in served] == [o.outputs[0].logprobs for o in on_load]
+
+
+def test_static_w8a8_is_refused_on_the_npu_in_one_sentence(tiny_llama_dir, tmp_path):
+    from loaders.msmodelslim_writer import write_msmodelslim
+    ckpt = write_msmodelslim(tiny_llama_dir, tmp_path / "static", "W8A8")
+    install(strict=True)
+    try:
+        with pytest.raises(ValueError, match=r"^static W8A8 \(an msmodelslim 'W8A8' checkpoint\) is served on the "
+                                             "CPU only for now: .*serve a W8A8_DYNAMIC checkpoint$"):
+            LLM(str(ckpt), device="npu", **ENGINE)
+    finally:
+        uninstall()
+        gc.collect()
