@@ -186,3 +186,24 @@ def test_quantizing_an_msmodelslim_checkpoint_again_is_one_clear_error(dynamic_d
     with pytest.raises(ValueError, match=rf"is an msmodelslim int8 checkpoint \(quant_model_description.json\), "
                                          rf"served as stored; load it without --quantization {quantization}$"):
         run(dynamic_dir, quantization=quantization)
+
+
+def test_static_w8a8_under_tensor_parallel_gives_the_single_process_tokens(tiny_qwen2_dir, tmp_path):
+    """-tp 2: deq_scale and quant_bias split with the output rows of q/k/v and gate/up, kept whole (quant_bias added
+    on rank 0 only) for o/down, the per-tensor input scale and offset on both ranks. (Static activations quantize
+    the same on every rank; dynamic ones are quantized per rank's slice of a row, so W8A8_DYNAMIC's logprobs move.)"""
+    ckpt = write_msmodelslim(tiny_qwen2_dir, tmp_path / "ckpt", "W8A8")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    results = []
+    for tp in (1, 2):
+        llm = LLM(str(ckpt), device="cpu", dtype="float32", kv_cache_memory="8MiB", skip_tokenizer_init=True,
+                  max_model_len=256, tensor_parallel_size=tp)
+        try:
+            results.append(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params))
+        finally:
+            llm.engine.shutdown()
+    single, parallel = results
+    assert tokens(single) == tokens(parallel)
+    for a, b in zip(single, parallel):
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-3 for t in la)  # fp32 partial sums, reordered
