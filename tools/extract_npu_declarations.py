@@ -28,6 +28,10 @@ read as a zip archive):
   ``ast``, never imported); each constraint the stand-in relies on is stored
   as a verbatim sentence, found by an anchor string listed below.  The script
   fails if an anchor is no longer in the docs.
+* ``torch_npu/op_plugin/meta/_meta_registrations.py`` -- the ops' meta
+  functions (shape/dtype inference for fake tensors), whose checks state some
+  rules the documentation leaves out (e.g. a bfloat16 bias needs a bfloat16
+  output).  Each is stored as the verbatim source line holding its anchor.
 
 The ATB ops are not documented in the wheel.  For them the constraints are
 taken from Ascend's ATB operator pages (URLs recorded with each quote) and
@@ -59,7 +63,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "tests" / "npu_standin" / "declarations.json"
 
 # Ops declared in the native-function yaml (aclnn ops).
-YAML_OPS = ["npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_fused_infer_attention_score"]
+YAML_OPS = ["npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_fused_infer_attention_score",
+            "npu_dynamic_quant", "npu_quant_matmul", "npu_weight_quant_batchmatmul", "npu_format_cast",
+            "get_npu_format"]
 # Ops declared in AtbOpsInterface.h (exposed as torch_npu.<name> = torch.ops.atb.<name>).
 ATB_OPS = ["_npu_reshape_and_cache", "_npu_paged_attention", "_npu_rotary_embedding"]
 
@@ -121,6 +127,64 @@ DOC_ANCHORS: dict[str, dict[str, str]] = {
         "outputs": "attention_out: Tensor类型, 公式中的输出, 数据类型支持float16、bfloat16、int8",
         "softmax_lse": "当input_layout为TND时, 输出shape为(T,Q_N,1)的Tensor; softmax_lse_flag为False时, 则输出shape为[1]的值为0的Tensor",
     },
+    "npu_dynamic_quant": {
+        "formula": "scale=rowMax(abs(x))/DTYPE_MAX",
+        "formula_y": "y=round(x/scale)",
+        "x_dtype": "x: Tensor类型, 需要进行量化的源数据张量, 必选输入, 数据类型支持torch.float16、torch.bfloat16",
+        "x_rank": "输入x的维度必须大于1",
+        "dst_type": "传None时当做torch.int8处理",
+        "outputs": "数据类型为float32, 形状为x的形状剔除最后一维",
+    },
+    "npu_quant_matmul": {
+        "x1_dtype": "Atlas A2 训练系列产品/Atlas 800I A2 推理产品: 数据类型支持int8和int32",
+        "x2_dtype": "Atlas A2 训练系列产品/Atlas 800I A2 推理产品: 数据类型与x1的数据类型保持一致",
+        "x_rank": "最小支持输入维度为2维, 最大支持输入维度为6维",
+        "scale_shape": "shape需要是1维(t, ), t=1或n, 其中n与x2的n一致",
+        "pertoken_scale": "shape需要是1维(m,), 其中m与x1的m一致",
+        "bias_shape": "shape支持1维(n,)、2维(1, n)或3维(batch, 1, n)",
+        "output_dtype": "Atlas A2 训练系列产品/Atlas 800I A2 推理产品: 支持输入torch.int8、torch.float16、torch.bfloat16、torch.int32",
+        "k_n_limit": "其他情况, x1与x2最后一维的shape大小不能超过65535",
+        "combo_scale": "scale:int64/float32, int64/float32, float32/bfloat16, float32, int64/float32, float32/bfloat16",
+        "combo_bias": "bias:int32/None, int32/None, int32/bfloat16/float32/None, int32/float16/float32/None, int32/None, int32/None",
+        "combo_pertoken": "pertoken_scale:None, None, float32/None, float32, None, None",
+        "combo_output": "output_dtype:float16, int8, bfloat16, float16, float16, int32",
+        "nz_weight": "推荐x2不转置直接转亲和format",
+    },
+    "npu_weight_quant_batchmatmul": {
+        "x_2d": "支持带transpose的非连续的Tensor, 支持输入维度为两维(M, K)",
+        "weight_2d": "支持输入维度为两维(K, N), 维度需与x保持一致",
+        "weight_a2": "Atlas A2 训练系列产品/Atlas 800I A2 推理产品: 数据类型支持int8、int32(通过int32承载int4的输入",
+        "scale_per_channel": "per_channel模式: 输入shape为(1, N)或(N,)",
+        "scale_per_tensor": "per_tensor模式: 输入shape为(1,)或(1, 1)",
+        "scale_dtype": "若输入为float16、bfloat16,  其数据类型需与x保持一致",
+        "offset_dtype": "若输入为float16、bfloat16, 其数据类型需与antiquant_scale保持一致",
+        "scale_offset_shape": "antiquant_scale和antiquant_offset的输入shape要保持一致",
+        "bias_dtype": "当x数据类型为bfloat16, bias需为float32",
+        "bias_dtype_fp16": "当x数据类型为float16, bias需为float16",
+        "weight_formats": "数据格式支持ND、FRACTAL_NZ",
+        "bias_shape": "不支持非连续的Tensor, 支持输入维度为两维(1, N)或一维(N, )、(1, )",
+        "k_n_range": "K、N的范围为[1, 65535]",
+        "nz_graph_only": "当输入weight为FRACTAL_NZ格式时暂不支持单算子调用, 只支持图模式调用",
+        "output": "当输入不存在quant_scale时输出数据类型和输入x一致",
+    },
+    "npu_format_cast": {
+        "acl_format": "acl_format (Int) - 目标格式",
+    },
+}
+
+# Meta-function checks: constraint id -> substring of one line of torch_npu/op_plugin/meta/_meta_registrations.py.
+META_ANCHORS: dict[str, dict[str, str]] = {
+    "npu_quant_matmul": {
+        "meta_k_same": "k dim of x1 and x2 need be same",
+        "meta_scale_dim": "the scale dim num must be 1",
+        "meta_scale_len": "the scale 1st dim value must be 1 or x2 n dim value",
+        "meta_pertoken_dim": "the pertoken_scale dim num must be 1",
+        "meta_scale_bf16_out": "When scale's dtype is bfloat16, output_dtype must be bfloat16 or int32",
+        "meta_bias_bf16_out": "When bias dtype is bfloat16, output_dtype must be bfloat16",
+        "meta_bias_fp16_out": "When bias dtype is float16 and pertoken is given, output_dtype must be float16",
+        "meta_bias_fp16_pertoken": "Bias dtype cannot be float16 when pertoken not given",
+        "meta_int32_out_bias": "When output_dtype dtype is int32, bias_dtype must be int32",
+    },
 }
 
 # Constraints for ops without documentation in the wheel.  Each quote is a
@@ -170,6 +234,24 @@ EXTERNAL_CONSTRAINTS: dict[str, dict[str, dict[str, str]]] = {
         "cache_dtype": {
             "url": "https://github.com/vllm-project/vllm-ascend (vllm_ascend/ops/rotary_embedding.py)",
             "quote": "if self.cos_sin_cache.dtype != query.dtype: self.cos_sin_cache = self.cos_sin_cache.to(query.dtype)",
+        },
+    },
+    "npu_quant_matmul": {
+        "formula": {
+            "url": "https://www.hiascend.com/document/detail/zh/CANNCommunityEdition/82RC1/API/aolapi/context/aclnnQuantMatmulV4.md",
+            "quote": "pertoken无bias: out = x1@x2 * scale * pertokenScaleOptional; pertoken, bias INT32(此场景无offset): out = (x1@x2 + bias) * scale * pertokenScaleOptional; pertoken, bias BFLOAT16/FLOAT16/FLOAT32(此场景无offset): out = x1@x2 * scale * pertokenScaleOptional + bias",
+        },
+    },
+    "npu_weight_quant_batchmatmul": {
+        "formula": {
+            "url": "https://www.hiascend.com/document/detail/zh/canncommercial/82RC1/API/aolapi/context/aclnnWeightQuantBatchMatmulV2.md",
+            "quote": "y = x @ ANTIQUANT(weight) + bias; ANTIQUANT(weight) = (weight + antiquantOffset) * antiquantScale",
+        },
+    },
+    "get_npu_format": {
+        "no_doc": {
+            "url": "",
+            "quote": "torch_npu 2.14.0's _op_plugin_docs.py has no entry for get_npu_format; npu_format_cast's example shows it returning the acl format id (0 for a new tensor, 29 after npu_format_cast(x, 29)).",
         },
     },
     "npu_add_rms_norm": {
@@ -528,6 +610,17 @@ def doc_constraints(op: str, doc: str | None) -> dict[str, dict]:
     return out
 
 
+def meta_constraints(op: str, meta_src: str, source: str) -> dict[str, dict]:
+    out = {}
+    lines = [ln.strip() for ln in meta_src.splitlines()]
+    for cid, anchor in META_ANCHORS.get(op, {}).items():
+        hits = [ln for ln in lines if anchor in ln]
+        if not hits:
+            raise SystemExit(f"{op}: meta anchor {cid!r} not found: {anchor!r}")
+        out[cid] = {"source": source, "anchor": anchor, "quote": " | ".join(dict.fromkeys(hits))}
+    return out
+
+
 def doc_signature(op: str, doc: str | None) -> str | None:
     if not doc:
         return None
@@ -573,6 +666,7 @@ def build(wheel: Path, use_binary: bool) -> dict:
         "docs": find_member(zf, "torch_npu/_op_plugin_docs.py"),
         "atb_library": find_member(zf, "lib/libop_plugin_atb.so"),
         "version": find_member(zf, "torch_npu/version.py"),
+        "meta": find_member(zf, "torch_npu/op_plugin/meta/_meta_registrations.py"),
     }
     version_src = zf.read(paths["version"]).decode()
     version = re.search(r"__version__\s*=\s*'([^']+)'", version_src).group(1)
@@ -581,6 +675,7 @@ def build(wheel: Path, use_binary: bool) -> dict:
     header_text = zf.read(paths["atb_header"]).decode()
     docs = load_docs(zf.read(paths["docs"]).decode())
     so_bytes = zf.read(paths["atb_library"])
+    meta_src = zf.read(paths["meta"]).decode()
 
     evidence = {}
     for key, (needle, meaning) in ATB_BINARY_EVIDENCE.items():
@@ -602,7 +697,7 @@ def build(wheel: Path, use_binary: bool) -> dict:
             "return_arity": parsed["return_arity"],
             "doc_source": paths["docs"] if doc else None,
             "doc_signature": doc_signature(op, doc),
-            "constraints": doc_constraints(op, doc),
+            "constraints": {**doc_constraints(op, doc), **meta_constraints(op, meta_src, paths["meta"])},
         }
         ops[op].update(compare_doc_signature(parsed, ops[op]["doc_signature"]))
 

@@ -14,7 +14,9 @@ from npu_infer.loaders.default_loader import iterate_weights, weight_files
 from npu_infer.loaders.tensorizer_loader import iterate_tensorizer_weights
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES
 
-QUANTIZATIONS = (None, "bitsandbytes", "gguf", "compressed-tensors", *INT8_SCHEMES)
+# "ascend": vllm-ascend's name for msmodelslim checkpoints, accepted so its command lines work as they are.
+QUANTIZATIONS = (None, "bitsandbytes", "gguf", "compressed-tensors", "ascend", *INT8_SCHEMES)
+MSMODELSLIM_DESCRIPTION = "quant_model_description.json"  # beside an msmodelslim checkpoint's weights
 
 
 def is_gguf(path: str) -> bool:
@@ -45,9 +47,22 @@ def checkpoint_quant_method(hf_config) -> str | None:
     return qc.get("quant_method") if qc else None
 
 
+def is_msmodelslim(model_path: str) -> bool:
+    """An msmodelslim (Ascend ModelSlim) int8 checkpoint: a directory with quant_model_description.json."""
+    return (Path(model_path) / MSMODELSLIM_DESCRIPTION).is_file()
+
+
 def check_not_quantized_otherwise(config: EngineConfig) -> None:
     """--quantization w8a8 / w8a16 quantizes full-precision weights: a checkpoint already quantized another way
     is refused, clearly, rather than dequantized and quantized twice."""
+    if is_msmodelslim(config.model_path):
+        if config.quantization not in (None, "ascend"):
+            raise ValueError(f"{config.model_path} is an msmodelslim int8 checkpoint ({MSMODELSLIM_DESCRIPTION}), "
+                             f"served as stored; load it without --quantization {config.quantization}")
+        return
+    if config.quantization == "ascend":
+        raise ValueError(f"--quantization ascend serves msmodelslim checkpoints, but {config.model_path} has no "
+                         f"{MSMODELSLIM_DESCRIPTION}")
     method = checkpoint_quant_method(config.hf_config)
     if config.quantization == "compressed-tensors" and method != "compressed-tensors":
         raise ValueError(f"--quantization compressed-tensors, but {config.model_path} is not a compressed-tensors "

@@ -13,7 +13,8 @@ from npu_infer.loaders.bitsandbytes_loader import load_bitsandbytes
 from npu_infer.loaders.compressed_tensors import load_compressed_tensors
 from npu_infer.loaders.dummy_loader import fill_dummy_weights
 from npu_infer.loaders.formats import (checkpoint_quant_config, checkpoint_quant_method, detect_load_format,
-                                       feed_weights, iterate_source_weights)
+                                       feed_weights, is_msmodelslim, iterate_source_weights)
+from npu_infer.loaders.msmodelslim import load_msmodelslim
 from npu_infer.loaders.sharded_state import load_sharded_state
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES
 from npu_infer.models.layers.linear import quantize_linears_int8
@@ -34,6 +35,8 @@ def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
         load_sharded_state(model, config, rank)
     elif fmt == "bitsandbytes":
         load_bitsandbytes(model, config)
+    elif is_msmodelslim(config.model_path):  # int8, served as it is stored
+        load_msmodelslim(model, config)
     elif checkpoint_quant_method(config.hf_config) == "compressed-tensors":  # int8, served as it is stored
         load_compressed_tensors(model, config, checkpoint_quant_config(config.hf_config))
     else:

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from npu_infer import envs
+from npu_infer.models.layers.int8_linear import INT8_SCHEMES
 from npu_infer.platform import cpu_kernels
 from npu_infer.platform.interface import Platform
 
@@ -95,9 +96,11 @@ class CpuPlatform(Platform):
         from npu_infer.platform.cpu_decode_stack import CpuDecodeStack
         from npu_infer.platform.cpu_linear import CpuInt8Linear, CpuPackedLinear
         for module in model.modules():
-            if getattr(module, "quant_scheme", None) is not None:  # int8 (int8_linear.py)
+            if getattr(module, "quant_scheme", None) in INT8_SCHEMES:  # int8 (int8_linear.py)
                 module.platform_matmul = CpuInt8Linear(module.weight.detach(), module.weight_scale.detach(),
                                                        module.quant_scheme, kernels, dtype)
+            elif getattr(module, "quant_scheme", None) is not None:
+                continue  # static W8A8: its plain-torch twin (no kernel of ours takes a per-tensor offset)
             elif hasattr(module, "platform_matmul") and getattr(module, "weight", None) is not None:
                 module.platform_matmul = CpuPackedLinear(module.weight.detach(), kernels,
                                                          logits=isinstance(module, ParallelLMHead))

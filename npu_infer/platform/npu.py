@@ -94,7 +94,7 @@ class NpuPlatform(Platform):
 
     def default_dtype(self) -> torch.dtype:
         # Atlas 300I (310P) chips have no bf16 kernels; vllm-ascend serves float16 there too.
-        return torch.float16 if "310P" in torch.npu.get_device_name(0) else torch.bfloat16
+        return torch.float16 if "310P" in self._device_name() else torch.bfloat16
 
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         # npu_fused_infer_attention_score takes no float32 query (float16, bfloat16, int8 only).
@@ -111,6 +111,32 @@ class NpuPlatform(Platform):
         if config.quantization == "bitsandbytes":
             raise ValueError("--quantization bitsandbytes is not supported on npu (bitsandbytes has no NPU kernels: "
                              "it would dequantize every weight on every matmul); serve the unquantized model")
+        if config.quantization == "w8a8" and "310P" in self._device_name():
+            raise ValueError("--quantization w8a8 is not supported on Atlas 300I (310P): its npu_quant_matmul takes "
+                             "no per-token scales and npu_dynamic_quant is A2/A3-only; use --quantization w8a16")
+
+    def _device_name(self) -> str:
+        import_torch_npu()
+        return torch.npu.get_device_name(0)
+
+    def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        """int8 linears (W8A8 / W8A16): their weights transposed, cast to NZ and their scales converted once, for
+        torch_npu's int8 matmuls (npu_linear.py). The prepared tensors replace the loaded ones, so each weight is
+        held once on the device."""
+        from npu_infer.models.layers.int8_linear import INT8_SCHEMES
+        from npu_infer.platform.npu_linear import NpuInt8Linear
+        for module in model.modules():
+            if getattr(module, "quant_scheme", None) is None:
+                continue
+            if module.quant_scheme not in INT8_SCHEMES:
+                raise ValueError("static W8A8 (an msmodelslim 'W8A8' checkpoint) is served on the CPU only for now: "
+                                 "its NPU path (npu_quantize, then npu_quant_matmul with deq_scale and quant_bias) is "
+                                 "not written yet; on the NPU serve a W8A8_DYNAMIC checkpoint")
+            linear = NpuInt8Linear(module.weight.detach(), module.weight_scale.detach(), module.bias,
+                                   module.quant_scheme, dtype)
+            module.weight = torch.nn.Parameter(linear.weight, requires_grad=False)
+            module.weight_scale = torch.nn.Parameter(linear.scale, requires_grad=False)
+            module.platform_matmul = linear
 
     def attention_backend(self, head_dim: int, dtype: torch.dtype) -> NpuAttentionBackend:
         return NpuAttentionBackend(head_dim)

@@ -21,7 +21,7 @@ uninstall()                  undo install()
 installed() -> bool
 set_memory(free=, total=, peak=, allocated=)   numbers torch.npu reports (bytes)
 set_device_count(n)          what torch.npu.device_count() returns (default 1)
-configure(tnd_paged=True)    doc readings that are ambiguous (see below)
+configure(tnd_paged=True, wqbmm_nz=True)   doc readings that are ambiguous (see below)
 reset_state()                forget process-wide op state (rotary cache), counters and runtime options
 calls                        dict: how often set_device/synchronize/empty_cache/... were called
 runtime_options() -> dict    options set through torch.npu.set_compile_mode / torch.npu.config
@@ -34,7 +34,12 @@ Ops (exact torch_npu 2.14.0 names, parameters, defaults, return forms)
 ----------------------------------------------------------------------
 npu_rms_norm, npu_add_rms_norm, npu_swiglu, npu_fused_infer_attention_score
 (paged: TND/BSH/BSND query; non-paged: BSH/BSND; sparse_mode 0 without mask, 2, 3),
-_npu_reshape_and_cache, _npu_paged_attention, _npu_rotary_embedding.
+_npu_reshape_and_cache, _npu_paged_attention, _npu_rotary_embedding;
+int8 (_quant_ops.py): npu_dynamic_quant (per token, int8), npu_quant_matmul
+(2-D int8, float32/bfloat16 scale, per-token scale, float output),
+npu_weight_quant_batchmatmul (int8 weight, per-channel/per-tensor antiquant
+scale and offset), npu_format_cast (ND <-> FRACTAL_NZ, a tag on the storage)
+and get_npu_format.
 Any other attribute of torch_npu is absent on purpose (AttributeError).
 
 torch.npu namespace (signatures from torch_npu 2.14.0's torch_npu/npu/*.py)
@@ -45,7 +50,8 @@ reset_peak_memory_stats, set_compile_mode, get_device_name,
 get_device_properties (.name, .total_memory) and config
 (config.allow_internal_format = bool; write-only, as in torch_npu).
 Features of the real ops that are not emulated raise NotImplementedError
-(quantization, pse, shared prefix, rope inputs, BNSD, NZ caches, custom masks).
+(quantized attention, pse, shared prefix, rope inputs, BNSD, NZ caches, custom
+masks; int4 and batched int8 matmuls, int64 scales, per-group scales).
 
 Device seam
 -----------
@@ -67,7 +73,16 @@ production.  The stand-in accepts TND with page attention by default;
 ``configure(tnd_paged=False)`` makes it reject it (strict reading), for
 testing the BSH path.  The docs' "TND scene" limits (N in 8..128 with
 Q_N == K_N, D == 192, BF16 only) are read as applying to the non-paged TND
-path, which the stand-in does not emulate.  The ATB ops (``_npu_*``) have
+path, which the stand-in does not emulate.
+
+npu_weight_quant_batchmatmul's 2.14.0 docs say a FRACTAL_NZ weight is
+supported "in graph mode only, not as a single op", while the A2/A3 weight
+paragraph lists ND and FRACTAL_NZ without that limit, and vllm-ascend's W8A16
+method casts the weight to NZ by default (VLLM_ASCEND_ENABLE_NZ=1) and calls
+the op eagerly.  The stand-in accepts an NZ weight by default;
+``configure(wqbmm_nz=False)`` makes it reject one (strict reading).
+
+The ATB ops (``_npu_*``) have
 no documentation in the wheel; their constraints come from Ascend's ATB
 operator pages and from the wheel's binary (URLs and evidence recorded in
 ``declarations.json``).
@@ -76,7 +91,9 @@ What it cannot check about the real kernels: numerics (it computes in
 float32 on CPU; bf16/fp16 accumulation, inner_precise, row-invalid handling
 differ), performance, device placement (e.g. that ``context_lens`` of
 ``_npu_paged_attention`` is a host tensor: everything is CPU here), memory
-alignment and formats (ND vs NZ), stream/graph capture and workspaces, what
+alignment and formats (an acl format is only a tag on the storage: NZ's
+tiling, and what ops other than the int8 matmuls do with an NZ tensor, are
+not modelled), stream/graph capture and workspaces, what
 the kernels do with values they do not validate (the stand-in raises where
 they would silently compute garbage), and any constraint the documentation
 does not state or states wrongly.
@@ -90,11 +107,13 @@ import types
 
 import torch
 
-from . import _namespace, _ops, _strict
+from . import _namespace, _ops, _quant_ops, _strict
 from ._namespace import calls, set_device_count, set_memory
-from ._ops import CONSTRAINTS_RELIED_ON, EVIDENCE_RELIED_ON, NpuOpRejected
+from ._ops import EVIDENCE_RELIED_ON, NpuOpRejected
 
 TORCH_NPU_VERSION = _ops.VERSION
+ALL_OPS = {**_ops.ALL_OPS, **_quant_ops.ALL_OPS}
+CONSTRAINTS_RELIED_ON = {**_ops.CONSTRAINTS_RELIED_ON, **_quant_ops.CONSTRAINTS_RELIED_ON}
 _MISSING = object()
 _saved: dict = {}
 
@@ -114,7 +133,7 @@ def _make_module() -> types.ModuleType:
     mod.__standin__ = True
     mod.npu = _namespace.make_module()
     mod.standin_device = standin_device
-    for name, fn in _ops.ALL_OPS.items():
+    for name, fn in ALL_OPS.items():
         setattr(mod, name, fn)
     return mod
 
@@ -136,9 +155,11 @@ def reset_state() -> None:
     _namespace.reset()
 
 
-def configure(*, tnd_paged: bool | None = None) -> None:
+def configure(*, tnd_paged: bool | None = None, wqbmm_nz: bool | None = None) -> None:
     if tnd_paged is not None:
         _ops.OPTIONS["tnd_paged"] = bool(tnd_paged)
+    if wqbmm_nz is not None:
+        _ops.OPTIONS["wqbmm_nz"] = bool(wqbmm_nz)
 
 
 def install(strict: bool = False) -> types.ModuleType:
@@ -152,7 +173,7 @@ def install(strict: bool = False) -> types.ModuleType:
     _saved["torch_npu.npu"] = sys.modules.get("torch_npu.npu", _MISSING)
     _saved["torch.npu"] = getattr(torch, "npu", _MISSING)
     reset_state()
-    configure(tnd_paged=True)
+    configure(tnd_paged=True, wqbmm_nz=True)
     torch_npu = _make_module()
     sys.modules["torch_npu"] = torch_npu
     sys.modules["torch_npu.npu"] = torch_npu.npu
@@ -190,6 +211,7 @@ def uninstall() -> None:
 
 
 __all__ = [
+    "ALL_OPS",
     "CONSTRAINTS_RELIED_ON",
     "EVIDENCE_RELIED_ON",
     "TORCH_NPU_VERSION",

@@ -62,7 +62,7 @@ CONSTRAINTS_RELIED_ON: dict[str, list[str]] = {
 EVIDENCE_RELIED_ON = ["output_must_be_contiguous", "rotary_first_cache_wins"]
 
 # Readings of the documentation where it is ambiguous; see configure().
-OPTIONS = {"tnd_paged": True}
+OPTIONS = {"tnd_paged": True, "wqbmm_nz": True}
 
 # Process-wide state of the real ops that the stand-in mirrors.
 _STATE: dict = {}

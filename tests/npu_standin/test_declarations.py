@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from . import CONSTRAINTS_RELIED_ON, EVIDENCE_RELIED_ON, TORCH_NPU_VERSION, _ops
+from . import ALL_OPS, CONSTRAINTS_RELIED_ON, EVIDENCE_RELIED_ON, TORCH_NPU_VERSION
 from . import __doc__ as PACKAGE_DOC
 
 REPO = Path(__file__).resolve().parents[2]
 OPS = ["npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_fused_infer_attention_score",
-       "_npu_reshape_and_cache", "_npu_paged_attention", "_npu_rotary_embedding"]
+       "_npu_reshape_and_cache", "_npu_paged_attention", "_npu_rotary_embedding",
+       "npu_dynamic_quant", "npu_quant_matmul", "npu_weight_quant_batchmatmul", "npu_format_cast", "get_npu_format"]
 
 
 def test_declarations_come_from_the_followed_version(declarations):
@@ -28,7 +29,7 @@ def test_declarations_come_from_the_followed_version(declarations):
 def test_signature_matches_declaration(op, declarations):
     decl = declarations["ops"][op]
     assert decl["schema"], f"{op}: no schema recorded (re-run the extractor with binary schemas)"
-    fn = _ops.ALL_OPS[op]
+    fn = ALL_OPS[op]
     params = list(inspect.signature(fn).parameters.values())
     assert [p.name for p in params] == [d["name"] for d in decl["params"]], "names / order"
     for p, d in zip(params, decl["params"]):

@@ -4,6 +4,10 @@ the path taken where no kernel is.
 Weights: symmetric int8 per output channel, `weight_scale` fp32 [N] (w = q * scale). W8A8: activations quantized
 per token, dynamically (scale = amax(|row|) / 127), products summed exactly in int32, then
 y = acc * (x_scale[m] * w_scale[n]) + bias in fp32, rounded once. W8A16: y = (x . q in fp32) * w_scale[n] + bias.
+Static W8A8 (msmodelslim's "W8A8", as vllm-ascend's AscendW8A8LinearMethod computes it): activations quantized with
+one stored scale and offset per tensor, x_q = clamp(round(x / input_scale + input_offset), -128, 127); then
+y = (x_q . q + quant_bias) * deq_scale[n], where msmodelslim folded the offset's correction and the layer's float bias
+into quant_bias (int32) and input_scale * weight_scale into deq_scale.
 The embedding and the LM head are not LinearBase layers: they stay in the model dtype."""
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from torch import nn
 
 
 INT8_SCHEMES = ("w8a8", "w8a16")
+W8A8_STATIC = "w8a8_static"  # only from a checkpoint that holds its calibrated activation scales (msmodelslim)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +59,24 @@ def w8a16_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias:
     return y.to(out_dtype or x.dtype)
 
 
+def w8a8_static_linear(x: torch.Tensor, wq: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor,
+                       deq_scale: torch.Tensor, quant_bias: torch.Tensor | None) -> torch.Tensor:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    xq = torch.round(x2 / input_scale + input_offset).clamp(-128, 127).to(torch.int8)
+    acc = int8_matmul(xq, wq)
+    if quant_bias is not None:
+        acc = acc + quant_bias
+    return (acc.float() * deq_scale).to(x.dtype).reshape(*lead, wq.shape[0])
+
+
 def int8_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
-    """The plain-torch forward of a LinearBase that quantize_linears_int8 made int8."""
+    """The plain-torch forward of a LinearBase made int8 (quantize_linears_int8, or an int8 checkpoint's loader)."""
+    if layer.quant_scheme == W8A8_STATIC:
+        # The float bias is in quant_bias; a row-parallel layer adds it on TP rank 0 only, as it does a bias.
+        first = layer.tp_dim != 1 or layer.tp_rank == 0
+        return w8a8_static_linear(x, layer.weight, layer.input_scale, layer.input_offset, layer.deq_scale,
+                                  layer.quant_bias if first else None)
     fn = w8a8_linear if layer.quant_scheme == "w8a8" else w8a16_linear
     return fn(x, layer.weight, layer.weight_scale, bias)
 
@@ -73,3 +94,15 @@ def make_int8(layer: nn.Module, scheme: str, wq: torch.Tensor, scale: torch.Tens
     layer.weight = nn.Parameter(wq, requires_grad=False)
     layer.weight_scale = nn.Parameter(scale.contiguous(), requires_grad=False)
     layer.quant_scheme = scheme
+
+
+def make_int8_static(layer: nn.Module, n: int, k: int, device: torch.device) -> None:
+    """Give the LinearBase `layer` static W8A8's tensors, to be filled by a checkpoint: weight int8 [N, K], deq_scale
+    fp32 [N] and quant_bias int32 [N] (sliced like a bias), input_scale and input_offset fp32 [1] (whole on every
+    rank)."""
+    layer.weight = nn.Parameter(torch.zeros(n, k, dtype=torch.int8, device=device), requires_grad=False)
+    layer.deq_scale = nn.Parameter(torch.ones(n, device=device), requires_grad=False)
+    layer.quant_bias = nn.Parameter(torch.zeros(n, dtype=torch.int32, device=device), requires_grad=False)
+    layer.input_scale = nn.Parameter(torch.ones(1, device=device), requires_grad=False)
+    layer.input_offset = nn.Parameter(torch.zeros(1, device=device), requires_grad=False)
+    layer.quant_scheme = W8A8_STATIC
