@@ -30,12 +30,11 @@ CALIBRATION_SEQ_LEN = 512
 
 
 def calibration_token_ids(tokenizer, vocab_size: int) -> list[list[int]]:
-    """The calibration text in sequences of CALIBRATION_SEQ_LEN tokens; without a tokenizer (skip_tokenizer_init),
+    """The calibration text in sequences of CALIBRATION_SEQ_LEN tokens; without a tokenizer that fits the model,
     seeded random ids, which make rougher ranges."""
-    if tokenizer is not None:
-        ids = tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))[:CALIBRATION_TOKENS]
-    else:
-        logger.warning("w8a8 smoothing calibrates on random token ids: no tokenizer (skip_tokenizer_init)")
+    ids = tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))[:CALIBRATION_TOKENS] if tokenizer else []
+    if len(ids) < CALIBRATION_SEQ_LEN or max(ids) >= vocab_size:  # a stub or mismatched tokenizer: no text
+        logger.warning("w8a8 smoothing calibrates on random token ids: no tokenizer that fits the model")
         rng = random.Random(0)
         ids = [rng.randrange(vocab_size) for _ in range(CALIBRATION_TOKENS)]
     return [ids[i:i + CALIBRATION_SEQ_LEN] for i in range(0, len(ids), CALIBRATION_SEQ_LEN)]
