@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from npu_infer import envs
 from npu_infer.config import EngineConfig
 from npu_infer.loaders.bitsandbytes_loader import load_bitsandbytes
 from npu_infer.loaders.compressed_tensors import load_compressed_tensors
@@ -30,4 +31,5 @@ def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
     else:
         feed_weights(model, iterate_source_weights(config, fmt, getattr(model, "owns_weight", None)))
     if config.quantization in INT8_SCHEMES:  # quantize on load, whatever the full-precision source
-        quantize_linears_int8(model, config.quantization)
+        group = envs.NPU_INFER_W8A16_GROUP_SIZE if config.quantization == "w8a16" else 0
+        quantize_linears_int8(model, config.quantization, group or None)
