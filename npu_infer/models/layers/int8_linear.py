@@ -113,3 +113,26 @@ def make_int8(layer: nn.Module, scheme: str, wq: torch.Tensor, scale: torch.Tens
     layer.weight = nn.Parameter(wq, requires_grad=False)
     layer.weight_scale = nn.Parameter(scale.contiguous(), requires_grad=False)
     layer.quant_scheme = scheme
+
+
+def prepare_int8(layer: nn.Module, scheme: str, group_size: int | None = None) -> None:
+    """Give the LinearBase `layer` an int8 weight and fp32 scales ([N], or [N, K / group_size]) for a checkpoint to
+    be loaded into, TP-sliced by the layer's own weight_loader: the scales like the weight (along N for
+    column-parallel; row-parallel: per-group scales along K / G, per-channel ones kept whole like a bias)."""
+    n, k = layer.weight.shape
+    if group_size is not None:
+        check_group_size(group_size, k)
+    device = layer.weight.device
+    scale = torch.ones(n, device=device) if group_size is None else torch.ones(n, k // group_size, device=device)
+    make_int8(layer, scheme, torch.zeros(n, k, dtype=torch.int8, device=device), scale)
+    layer.weight.weight_loader = layer.weight_loader
+    layer.weight_scale.weight_loader = layer.weight_loader
+
+
+def check_int8_scales(model: nn.Module) -> None:
+    """After loading: a scale that is NaN, infinite, zero or negative fails here, by layer name."""
+    for name, module in model.named_modules():
+        scale = getattr(module, "weight_scale", None)
+        if scale is not None and (not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any())):
+            raise ValueError(f"{name}.weight_scale: int8 weight scales must be finite and positive; the checkpoint "
+                             "is corrupt")
