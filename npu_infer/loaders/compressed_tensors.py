@@ -70,9 +70,9 @@ def checkpoint_scheme(qc: dict) -> tuple[str, int | None]:
     w, a = groups[0].weights, groups[0].input_activations
     weights_ok = w is not None and w.num_bits == 8 and w.type == "int" and w.symmetric and not w.dynamic
     channel = weights_ok and w.strategy == "channel"
-    # Group-wise for W8A16 only (its kernel applies a scale per K-group); activation order (g_idx) is not served.
-    group = (weights_ok and w.strategy == "group" and w.group_size is not None and w.group_size > 0
-             and not getattr(w, "actorder", None))
+    # Group-wise for W8A16 only (its kernel applies a scale per K-group). Groups in activation order come with an
+    # X.weight_g_idx tensor, refused by decompress.
+    group = weights_ok and w.strategy == "group" and w.group_size is not None and w.group_size > 0
     if (channel or group) and a is None and parsed.format == FORMATS["w8a16"]:
         return "w8a16", w.group_size if group else None
     if (channel and a is not None and a.num_bits == 8 and a.type == "int" and a.symmetric and a.dynamic
