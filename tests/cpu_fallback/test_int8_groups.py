@@ -182,3 +182,31 @@ def test_engine_with_group_wise_layers_through_the_kernels_agrees_with_the_twin(
     errors = {path: (got - want).abs().max().item() for path, got in results.items()}
     assert errors["plain-torch"] < 0.2, errors
     assert errors["cpu-kernels"] <= 1.5 * errors["plain-torch"] + 0.01, errors
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_tp_shards_slice_group_scales_with_their_weights(rank, monkeypatch):
+    """As rank `rank` of 2 (groups built in-process, no collectives): a row-parallel layer gets its K / 2 columns and
+    their K / 2G group scales, a merged column-parallel one its rows of each part with their scales."""
+    from npu_infer.distributed import parallel_state
+    from npu_infer.distributed.parallel_state import GroupCoordinator
+    from npu_infer.models.layers.int8_linear import dequantize_weight, prepare_int8
+    from npu_infer.models.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+    monkeypatch.setattr(parallel_state, "_TP", GroupCoordinator([0, 1], rank))
+    w = torch.randn(8, 128) * torch.rand(8, 128).mul(10)
+    wq, scale = quantize_weight(w, 32)
+    row = RowParallelLinear(128, 8)
+    prepare_int8(row, "w8a16", 32)
+    row.weight.weight_loader(row.weight, wq)
+    row.weight_scale.weight_loader(row.weight_scale, scale)
+    assert row.weight_scale.shape == (8, 2)
+    assert torch.equal(dequantize_weight(row.weight, row.weight_scale),
+                       dequantize_weight(wq, scale)[:, rank * 64:(rank + 1) * 64])
+    merged = MergedColumnParallelLinear(128, [8, 8])
+    prepare_int8(merged, "w8a16", 32)
+    for part in (0, 1):
+        merged.weight.weight_loader(merged.weight, wq, part)
+        merged.weight_scale.weight_loader(merged.weight_scale, scale * (part + 1), part)
+    mine = slice(rank * 4, (rank + 1) * 4)
+    assert torch.equal(merged.weight_scale, torch.cat([scale[mine], 2 * scale[mine]]))
+    assert torch.equal(merged.weight, torch.cat([wq[mine], wq[mine]]))
