@@ -193,7 +193,7 @@ inline void panel_dot_w8a16_grouped(const W* panel, const bf16* x, int64_t x_str
 template <int M>
 inline void panel_dot_w8a16_any(const int8_t* panel, const bf16* scratch, const bf16* x, int64_t steps,
                                 int64_t group_steps, const float* scales, float* acc) {
-  if (scales == nullptr) {  // per channel: today's loops, the scale applied in the epilogue
+  if (scales == nullptr) {  // per channel: the scale applied in the epilogue
     if (scratch) panel_dot<bf16, M>(scratch, x, steps, steps, acc);
     else panel_dot_w8a16<M>(panel, x, steps, steps, acc);
   } else if (scratch) {
