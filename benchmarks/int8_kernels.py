@@ -3,9 +3,10 @@ W8A16, each path timed interleaved with the others in one run (the machine may b
 
 Paths: bf16 = our packed AVX-512 kernel up to 256 rows, oneDNN above (CpuPackedLinear); w8a8 / w8a16 kernel =
 cpu_int8_kernels.cpp forced; w8a8 onednn = per-token quantization + torch._int_mm (oneDNN's int8 GEMM) + scales;
-w8a16 onednn = the weight made bf16 per call + oneDNN's bf16 GEMM.
+w8a16 onednn = the weight made bf16 per call + oneDNN's bf16 GEMM; w8a16 gG kernel = the W8A16 kernel with one scale
+per G input channels (`--group-size`, several allowed).
 
-    python benchmarks/int8_kernels.py [--rows 1 16 64 256 1024] [--repeats 5] [--threads 1]
+    python benchmarks/int8_kernels.py [--rows 1 16 64 256 1024] [--repeats 5] [--threads 1] [--group-size 64]
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from npu_infer.platform.cpu_linear import CpuInt8Linear, CpuPackedLinear
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # (N, K)
 
 
-def layer_paths(kernels):
+def layer_paths(kernels, group_sizes: list[int]):
     g = torch.Generator().manual_seed(0)
     paths = {"bf16": [], "w8a8 kernel": [], "w8a8 onednn": [], "w8a16 kernel": [], "w8a16 onednn": []}
+    paths.update({f"w8a16 g{group} kernel": [] for group in group_sizes})
     for n, k in SHAPES.values():
         w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
         wq, scale = quantize_weight(w)
@@ -32,6 +34,10 @@ def layer_paths(kernels):
             lin = CpuInt8Linear(wq, scale, scheme, kernels, torch.bfloat16)
             paths[f"{scheme} kernel"].append((k, lin))
             paths[f"{scheme} onednn"].append((k, lin))
+        for group in group_sizes:  # per channel where G does not divide K, as quantize-on-load does
+            paths[f"w8a16 g{group} kernel"].append(
+                (k, CpuInt8Linear(*quantize_weight(w, group if k % group == 0 else None), "w8a16", kernels,
+                                  torch.bfloat16)))
     return paths
 
 
@@ -39,7 +45,7 @@ def run(name, linears, x_by_k):
     """One pass of the layer's linears; the onednn variants force the library path by the row limits."""
     big = 1 << 30
     cpu_linear.W8A8_KERNEL_MAX_ROWS = big if "w8a8 kernel" == name else 0
-    cpu_linear.W8A16_KERNEL_MAX_ROWS = big if "w8a16 kernel" == name else 0
+    cpu_linear.W8A16_KERNEL_MAX_ROWS = big if name.startswith("w8a16") and name.endswith("kernel") else 0
     for k, lin in linears:
         lin(x_by_k[k], None)
 
@@ -49,13 +55,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (1 is steadier on a loaded machine)")
+    parser.add_argument("--group-size", type=int, nargs="*", default=[], help="also time W8A16 with group scales")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     kernels = cpu_kernels.load()
     if kernels is None:
         raise SystemExit("the CPU kernels are unavailable here")
-    paths = layer_paths(kernels)
+    paths = layer_paths(kernels, args.group_size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per layer (4 linears), best of "
           f"{args.repeats} interleaved rounds")
     print(f"{'rows':>6} " + " ".join(f"{name:>13}" for name in paths) + "   w8a8/bf16 w8a16/bf16")

@@ -6,6 +6,8 @@
         --load-format dummy                                       # the seed's model size, random weights
     python benchmarks/offline_throughput.py --dtypes bfloat16 --quantization none,w8a16,w8a8 --repeats 2 \
         --skip-transformers                                       # int8 against bf16, interleaved, same run
+    python benchmarks/offline_throughput.py --dtypes bfloat16 --quantization none,w8a16:channel,w8a16:g64 \
+        --num-prompts 1 --single-prompts 1 --skip-transformers    # batch-1 TPOT by w8a16 group size
 
 For each dtype it measures, on the same seeded prompts (`--input-len` random token ids each, greedy,
 `--output-len` tokens each with EOS ignored):
@@ -52,6 +54,16 @@ def smollm2_hf_dir(out: Path) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
     return out
+
+
+def scheme_setting(spec: str) -> str | None:
+    """`w8a16:g64` (or `w8a16:channel`) -> w8a16, with NPU_INFER_W8A16_GROUP_SIZE set for the run; `none` -> None."""
+    scheme, _, group = spec.partition(":")
+    if group:
+        os.environ["NPU_INFER_W8A16_GROUP_SIZE"] = group.removeprefix("g")
+    else:
+        os.environ.pop("NPU_INFER_W8A16_GROUP_SIZE", None)
+    return None if scheme == "none" else scheme
 
 
 def make_prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
@@ -223,7 +235,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--quantization", help="comma list of schemes to compare, none = unquantized "
-                        "(e.g. none,w8a16,w8a8); runs ours only")
+                        "(e.g. none,w8a16,w8a8; w8a16:g64 or w8a16:channel for a group size); runs ours only")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the --quantization comparison")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -274,7 +286,7 @@ def compare_quantization(args, model: str, prompts: list[list[int]]) -> None:
         row = {}
         for scheme in schemes:
             res = run_ours(model, dtype, prompts, args.output_len, args.single_prompts, args.profile,
-                           args.load_format, None if scheme == "none" else scheme)
+                           args.load_format, scheme_setting(scheme))
             row[scheme] = res
             print(f"[round {r + 1} {dtype} {scheme}] batch {args.num_prompts}: {res['batch_tok_s']:.1f} out tok/s; "
                   f"prefill {res['prefill_tok_s']:.0f} tok/s; batch 1: TPOT {res['batch1_tpot_ms']:.2f} ms; "

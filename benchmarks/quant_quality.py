@@ -4,6 +4,7 @@ agreement with the unquantized model on 64 prompts (windows of that text, 32 new
 
     python benchmarks/quant_quality.py                     # packaged SmolLM2 GGUF, bf16 / w8a16 / w8a8
     python benchmarks/quant_quality.py --schemes none,w8a8 --model path/to/hf_dir
+    python benchmarks/quant_quality.py --schemes none,w8a16:channel,w8a16:g128,w8a16:g64,w8a16:g32  # group sizes
 
 Note: the packaged SmolLM2 is a Q4_1 GGUF; "none" is that file dequantized to bf16, and the int8 schemes quantize
 those weights again. Targets (issue 16): w8a16 perplexity within 1 % of bf16's, w8a8 within 3 %.
@@ -19,6 +20,16 @@ import sys
 from pathlib import Path
 
 TEXT = Path(__file__).with_name("data") / "declaration_of_independence.txt"
+
+
+def scheme_setting(spec: str) -> str | None:
+    """`w8a16:g64` (or `w8a16:channel`) -> w8a16, with NPU_INFER_W8A16_GROUP_SIZE set for the run; `none` -> None."""
+    scheme, _, group = spec.partition(":")
+    if group:
+        os.environ["NPU_INFER_W8A16_GROUP_SIZE"] = group.removeprefix("g")
+    else:
+        os.environ.pop("NPU_INFER_W8A16_GROUP_SIZE", None)
+    return None if scheme == "none" else scheme
 
 
 def packaged_smollm2() -> str:
@@ -72,8 +83,7 @@ def main() -> None:
           f"{args.new_tokens} greedy tokens each; dtype {args.dtype}", flush=True)
     results = {}
     for scheme in args.schemes.split(","):
-        results[scheme] = measure(model, None if scheme == "none" else scheme, args.dtype, text_ids, prompts,
-                                  args.new_tokens)
+        results[scheme] = measure(model, scheme_setting(scheme), args.dtype, text_ids, prompts, args.new_tokens)
         line = f"[{scheme}] perplexity {results[scheme]['ppl']:.4f}"
         if "none" in results and scheme != "none":
             base = results["none"]

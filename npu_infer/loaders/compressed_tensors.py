@@ -4,8 +4,9 @@ Two layouts (what llm-compressor writes and vLLM serves), per linear layer `X` o
 * W8A8 (format `int-quantized`): `X.weight` int8 [N, K], `X.weight_scale` [N, 1]; activations int8 per token,
   dynamic (config `input_activations`: 8-bit int, strategy token, dynamic).
 * W8A16 (format `pack-quantized`): `X.weight_packed` int32 [N, K / 4] (four int8, offset by 128, packed by
-  compressed_tensors' pack_to_int32), `X.weight_scale` [N, 1], `X.weight_shape` [2]; no input_activations.
-Weights symmetric, strategy channel. The embedding and `lm_head` are left out (config `ignore`).
+  compressed_tensors' pack_to_int32), `X.weight_scale` [N, 1] (strategy channel) or [N, K / G] (strategy group,
+  group_size G: vLLM's CompressedTensorsWNA16 layout), `X.weight_shape` [2]; no input_activations.
+Weights symmetric; W8A8 per channel only. The embedding and `lm_head` are left out (config `ignore`).
 `npu-infer quantize` writes these from a full checkpoint (safetensors or GGUF); loading reads the config through
 the `compressed-tensors` package (pip install 'npu_infer[quant]')."""
 from __future__ import annotations
@@ -23,7 +24,7 @@ from npu_infer import envs
 from npu_infer.config import EngineConfig
 from npu_infer.loaders.conversion import copy_side_files, source_config
 from npu_infer.loaders.formats import detect_load_format, feed_weights, iterate_source_weights, source_format
-from npu_infer.models.layers.int8_linear import INT8_SCHEMES, make_int8, quantize_weight
+from npu_infer.models.layers.int8_linear import INT8_SCHEMES, check_int8_scales, prepare_int8, quantize_weight
 from npu_infer.models.layers.linear import LinearBase
 from npu_infer.models.layers.smooth_quant import fold_into_checkpoint
 from npu_infer.optional_deps import import_optional
@@ -40,11 +41,13 @@ def _import():
     return QuantizationConfig, pack_to_int32, unpack_from_int32
 
 
-def quantization_config(scheme: str) -> dict:
-    """config.json's quantization_config for `scheme`, built by compressed_tensors itself."""
+def quantization_config(scheme: str, group_size: int | None = None) -> dict:
+    """config.json's quantization_config for `scheme` (w8a16: per group of `group_size` input channels, or per
+    channel with None), built by compressed_tensors itself."""
     QuantizationConfig, _, _ = _import()
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
+    strategy = {"strategy": "channel"} if group_size is None else {"strategy": "group", "group_size": group_size}
+    weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, dynamic=False, **strategy)
     acts = (QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
             if scheme == "w8a8" else None)
     group = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
@@ -53,8 +56,9 @@ def quantization_config(scheme: str) -> dict:
     return json.loads(qc.model_dump_json(exclude_none=True))
 
 
-def checkpoint_scheme(qc: dict) -> str:
-    """w8a8 or w8a16 for a compressed-tensors quantization_config this engine serves; else one clear error."""
+def checkpoint_scheme(qc: dict) -> tuple[str, int | None]:
+    """(w8a8 or w8a16, the group size or None for per channel) for a compressed-tensors quantization_config this
+    engine serves; else one clear error."""
     QuantizationConfig, _, _ = _import()
     try:
         parsed = QuantizationConfig.model_validate(qc)
@@ -65,17 +69,20 @@ def checkpoint_scheme(qc: dict) -> str:
     if len(groups) != 1:
         raise ValueError(f"compressed-tensors: one config group supported, the checkpoint has {len(groups)}")
     w, a = groups[0].weights, groups[0].input_activations
-    weights_ok = (w is not None and w.num_bits == 8 and w.type == "int" and w.symmetric
-                  and w.strategy == "channel" and not w.dynamic)
-    if weights_ok and a is None and parsed.format == FORMATS["w8a16"]:
-        return "w8a16"
-    if (weights_ok and a is not None and a.num_bits == 8 and a.type == "int" and a.symmetric and a.dynamic
+    weights_ok = w is not None and w.num_bits == 8 and w.type == "int" and w.symmetric and not w.dynamic
+    channel = weights_ok and w.strategy == "channel"
+    # Group-wise for W8A16 only (its kernel applies a scale per K-group). Groups in activation order come with an
+    # X.weight_g_idx tensor, refused by decompress.
+    group = weights_ok and w.strategy == "group" and w.group_size is not None and w.group_size > 0
+    if (channel or group) and a is None and parsed.format == FORMATS["w8a16"]:
+        return "w8a16", w.group_size if group else None
+    if (channel and a is not None and a.num_bits == 8 and a.type == "int" and a.symmetric and a.dynamic
             and a.strategy == "token" and parsed.format == FORMATS["w8a8"]):
-        return "w8a8"
-    raise ValueError("compressed-tensors: only int8 weights per channel (symmetric) with dynamic int8 per-token "
-                     f"activations (int-quantized) or none (pack-quantized) are served here; this checkpoint has "
-                     f"format {parsed.format}, weights {w and w.model_dump(exclude_none=True)}, activations "
-                     f"{a and a.model_dump(exclude_none=True)}")
+        return "w8a8", None
+    raise ValueError("compressed-tensors: only int8 symmetric weights, per channel with dynamic int8 per-token "
+                     "activations (int-quantized) or per channel or group with none (pack-quantized), are served "
+                     f"here; this checkpoint has format {parsed.format}, weights "
+                     f"{w and w.model_dump(exclude_none=True)}, activations {a and a.model_dump(exclude_none=True)}")
 
 
 def _is_linear(name: str) -> bool:
@@ -83,9 +90,10 @@ def _is_linear(name: str) -> bool:
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in LINEAR_NAMES and ".layers." in name
 
 
-def compress(weights: Iterable[tuple[str, torch.Tensor]], scheme: str,
-             dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full HF-named tensors -> the compressed-tensors ones: linear weights int8 per channel, the rest in `dtype`."""
+def compress(weights: Iterable[tuple[str, torch.Tensor]], scheme: str, dtype: torch.dtype,
+             group_size: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full HF-named tensors -> the compressed-tensors ones: linear weights int8 per channel (or per group of
+    `group_size` input channels, w8a16), the rest in `dtype`."""
     _, pack_to_int32, _ = _import()
     for name, tensor in weights:
         if "rotary_emb.inv_freq" in name:
@@ -93,18 +101,23 @@ def compress(weights: Iterable[tuple[str, torch.Tensor]], scheme: str,
         if not _is_linear(name):
             yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
             continue
-        q, scale = quantize_weight(tensor.to(dtype))  # as quantize-on-load sees it: the model's dtype first
+        try:  # as quantize-on-load sees it: the model's dtype first
+            q, scale = quantize_weight(tensor.to(dtype), group_size)
+        except ValueError as exc:  # one config group holds every linear: a group size must fit them all
+            raise ValueError(f"{name}: {exc}") from None
         base = name[:-len(".weight")]
         if scheme == "w8a8":
             yield name, q
         else:
             yield f"{base}.weight_packed", pack_to_int32(q, 8)
             yield f"{base}.weight_shape", torch.tensor(q.shape)
-        yield f"{base}.weight_scale", scale[:, None].contiguous()
+        yield f"{base}.weight_scale", (scale[:, None] if scale.dim() == 1 else scale).contiguous()
 
 
-def decompress(weights: Iterable[tuple[str, torch.Tensor]], scheme: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """compressed-tensors tensors -> ours: `X.weight` int8 [N, K] and `X.weight_scale` fp32 [N]."""
+def decompress(weights: Iterable[tuple[str, torch.Tensor]], scheme: str,
+               group_size: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """compressed-tensors tensors -> ours: `X.weight` int8 [N, K] and `X.weight_scale` fp32 [N] (or [N, K / G] as
+    stored, group-wise)."""
     _, _, unpack_from_int32 = _import()
     packed: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in weights:
@@ -112,6 +125,12 @@ def decompress(weights: Iterable[tuple[str, torch.Tensor]], scheme: str) -> Iter
             raise ValueError(f"{name}: static or asymmetric quantization is not served here (only symmetric "
                              "per-channel weights, dynamic per-token activations)")
         if name.endswith(".weight_scale"):
+            if group_size is not None:  # [N, K / G], checked against the layer when loaded into it
+                if tensor.dim() != 2 or not tensor.is_floating_point():
+                    raise ValueError(f"{name}: a group-wise scale [N, K / {group_size}] expected, got "
+                                     f"{tuple(tensor.shape)} {tensor.dtype}")
+                yield name, tensor.float()
+                continue
             if tensor.dim() == 2 and tensor.shape[1] == 1:
                 tensor = tensor[:, 0]
             if tensor.dim() != 1 or not tensor.is_floating_point():
@@ -133,32 +152,21 @@ def decompress(weights: Iterable[tuple[str, torch.Tensor]], scheme: str) -> Iter
         raise ValueError(f"compressed-tensors: {next(iter(packed))} lacks its weight_packed or weight_shape")
 
 
-def prepare_int8_layers(model: nn.Module, scheme: str) -> None:
-    """Give every decoder LinearBase an int8 weight and an fp32 scale to be loaded into, TP-sliced by the layer's
-    own weight_loader (the scale like a bias: along N for column-parallel, whole for row-parallel)."""
-    for module in model.modules():
-        if isinstance(module, LinearBase):
-            n, k = module.weight.shape
-            make_int8(module, scheme, torch.zeros(n, k, dtype=torch.int8, device=module.weight.device),
-                      torch.ones(n, device=module.weight.device))
-            module.weight.weight_loader = module.weight_loader
-            module.weight_scale.weight_loader = module.weight_loader
-
-
-def check_scales(model: nn.Module) -> None:
-    """A corrupt checkpoint (a scale that is NaN, infinite, zero or negative) fails here, by layer name."""
+def prepare_int8_layers(model: nn.Module, scheme: str, group_size: int | None = None) -> None:
+    """Give every decoder LinearBase an int8 weight and fp32 scales to be loaded into (int8_linear.prepare_int8)."""
     for name, module in model.named_modules():
-        scale = getattr(module, "weight_scale", None)
-        if scale is not None and (not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any())):
-            raise ValueError(f"{name}.weight_scale: int8 weight scales must be finite and positive; the checkpoint "
-                             "is corrupt")
+        if isinstance(module, LinearBase):
+            try:
+                prepare_int8(module, scheme, group_size)
+            except ValueError as exc:  # a row-parallel layer's K is split over the TP ranks
+                raise ValueError(f"{name} (its input features on this tensor-parallel rank): {exc}") from None
 
 
 def load_compressed_tensors(model: nn.Module, config: EngineConfig, qc: dict) -> None:
-    scheme = checkpoint_scheme(qc)
-    prepare_int8_layers(model, scheme)
-    feed_weights(model, decompress(iterate_source_weights(config, source_format(config)), scheme))
-    check_scales(model)
+    scheme, group_size = checkpoint_scheme(qc)
+    prepare_int8_layers(model, scheme, group_size)
+    feed_weights(model, decompress(iterate_source_weights(config, source_format(config)), scheme, group_size))
+    check_int8_scales(model)
 
 
 def smoothquant_factors(model: str, dtype: str) -> dict:
@@ -173,10 +181,14 @@ def smoothquant_factors(model: str, dtype: str) -> dict:
         llm.engine.shutdown()
 
 
-def write_quantized(model: str, output: str, scheme: str, dtype: str = "bfloat16") -> Path:
-    """Quantize checkpoint `model` (safetensors, .bin or GGUF) to `output` as a compressed-tensors checkpoint."""
+def write_quantized(model: str, output: str, scheme: str, dtype: str = "bfloat16",
+                    group_size: int | None = None) -> Path:
+    """Quantize checkpoint `model` (safetensors, .bin or GGUF) to `output` as a compressed-tensors checkpoint;
+    `group_size` (w8a16): one scale per that many input channels, None for one per output channel."""
     if scheme not in INT8_SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(INT8_SCHEMES)}")
+    if group_size is not None and scheme != "w8a16":
+        raise ValueError(f"--group-size is for w8a16; {scheme} takes one scale per output channel")
     config = source_config(model, dtype)
     fmt = detect_load_format(config)
     if fmt not in ("auto", "safetensors", "pt", "gguf"):
@@ -189,15 +201,26 @@ def write_quantized(model: str, output: str, scheme: str, dtype: str = "bfloat16
     weights = iterate_source_weights(config, fmt)
     if scheme == "w8a8" and envs.NPU_INFER_W8A8_SMOOTHING > 0:  # the SmoothQuant folds quantize-on-load makes
         weights = fold_into_checkpoint(weights, smoothquant_factors(model, dtype), config.torch_dtype)
-    tensors = dict(compress(weights, scheme, config.torch_dtype))
+    tensors = dict(compress(weights, scheme, config.torch_dtype, group_size))
     copy_side_files(config, out)
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["quantization_config"] = quantization_config(scheme)
+    cfg["quantization_config"] = quantization_config(scheme, group_size)
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     target = out / "model.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(target), metadata={"format": "pt"})
     return target
+
+
+def _group_size(flag: str | None, scheme: str) -> int | None:
+    """--group-size as write_quantized takes it: None for per channel (always so for w8a8 by default)."""
+    if flag is None:
+        return (envs.NPU_INFER_W8A16_GROUP_SIZE or None) if scheme == "w8a16" else None
+    if flag == "channel":
+        return None
+    if not flag.isdigit() or int(flag) == 0:
+        raise ValueError(f"--group-size {flag!r}: give a number of input channels (e.g. 32, 64, 128) or `channel`")
+    return int(flag)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,10 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="directory to write (model.safetensors, config, tokenizer)")
     parser.add_argument("--scheme", required=True, choices=INT8_SCHEMES)
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized")
+    parser.add_argument("--group-size", help="w8a16: input channels per weight scale (strategy group), or `channel` "
+                        "for one per output channel; default: what --quantization w8a16 uses on load "
+                        "(NPU_INFER_W8A16_GROUP_SIZE)")
     args = parser.parse_args(argv)
     try:
-        target = write_quantized(args.model, args.output, args.scheme, args.dtype)
+        group_size = _group_size(args.group_size, args.scheme)
+        target = write_quantized(args.model, args.output, args.scheme, args.dtype, group_size)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
-    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB), {args.scheme}; serve with --model {target.parent}")
+    layout = f"group size {group_size}" if group_size else "per channel"
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB), {args.scheme} {layout}; serve with --model "
+          f"{target.parent}")
     return 0

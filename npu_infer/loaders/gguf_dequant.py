@@ -11,7 +11,7 @@ The arithmetic mirrors the reference NumPy implementation in
 operation, so results are bit-identical to ``gguf.quants.dequantize``.
 
 Public API: :func:`dequantize`, :data:`SUPPORTED_TYPES`,
-:func:`is_supported`.
+:func:`is_supported`, :func:`split_q8_0` (Q8_0 as stored: int8 values and block scales).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-__all__ = ["SUPPORTED_TYPES", "dequantize", "is_supported"]
+__all__ = ["SUPPORTED_TYPES", "dequantize", "is_supported", "split_q8_0"]
 
 QK_K = 256
 K_SCALE_SIZE = 12
@@ -340,3 +340,22 @@ def dequantize(
             stop = min(start + per_chunk, n_blocks)
             out[start:stop] = decode(blocks[start:stop])
     return out.reshape(shape).contiguous()
+
+
+def split_q8_0(data: np.ndarray | torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 data of logical 2-D ``shape`` [N, K] as stored: (int8 q [N, K], float32 d [N, K / 32]), so that
+    ``q * d`` per 32-element block is :func:`dequantize`'s result exactly (fp16 d is exact in fp32, and q * d needs
+    at most 19 bits). A block with d = 0 (all its weights zero) comes out as q = 0, d = 1: the same zeros, and
+    every scale positive as the int8 layers require."""
+    n, k = (int(s) for s in shape)
+    block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+    raw = _as_byte_tensor(data)
+    if k % block_size or raw.numel() != n * k // block_size * type_size:
+        raise ValueError(f"Q8_0 tensor of shape {(n, k)} needs K a multiple of {block_size} and "
+                         f"{n * k // block_size * type_size} bytes, got K = {k} and {raw.numel()} bytes")
+    blocks = raw.reshape(n, k // block_size, type_size)
+    d = blocks[:, :, :2].contiguous().view(torch.float16).to(torch.float32).reshape(n, k // block_size)
+    q = blocks[:, :, 2:].contiguous().view(torch.int8)
+    zero = d == 0
+    q = torch.where(zero[:, :, None], torch.zeros_like(q), q)
+    return q.reshape(n, k), torch.where(zero, torch.ones_like(d), d)

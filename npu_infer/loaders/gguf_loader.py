@@ -19,12 +19,12 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
 
-from npu_infer.loaders.gguf_dequant import SUPPORTED_TYPES, dequantize
+from npu_infer.loaders.gguf_dequant import SUPPORTED_TYPES, dequantize, split_q8_0
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ __all__ = [
     "iterate_gguf_weights",
     "load_gguf_config",
     "load_gguf_tokenizer",
+    "tensor_types",
 ]
 
 GGUF_MAGIC = b"GGUF"
@@ -295,6 +296,15 @@ def gguf_tensor_name_to_hf(name: str) -> str | None:
     return None
 
 
+def tensor_types(path: str | os.PathLike[str]) -> dict[str, str]:
+    """HF name -> GGML type name (``Q8_0``, ``Q4_1``, ``F32``, ...) of every model tensor of a GGUF file."""
+    path = os.fspath(path)
+    reader = _open_reader(path)
+    _architecture(reader, path)
+    names = ((gguf_tensor_name_to_hf(t.name), t.tensor_type.name) for t in reader.tensors)
+    return {hf: kind for hf, kind in names if hf is not None}
+
+
 def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's ``permute`` of q/k rows (``convert_hf_to_gguf.py``):
     GGUF rows per head are (dim, 2)-interleaved; HF rows are (2, dim)."""
@@ -308,9 +318,13 @@ def iterate_gguf_weights(
     dtype: torch.dtype = torch.float32,
     show_progress: bool = True,
     owns: Callable[[str], bool] | None = None,
+    int8: Collection[str] = (),
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every model tensor of a GGUF file (with ``owns``, only those whose HF name
     it accepts: a pipeline stage's own, so no rank dequantizes the other stages' layers).
+
+    ``int8``: HF names of Q8_0 weights ``X.weight`` to yield as stored, not dequantized: ``X.weight`` int8 [N, K]
+    and ``X.weight_scale`` float32 [N, K / 32] (:func:`split_q8_0`; gguf_q8_0.py decides which).
 
     Tensors are dequantized to float32 (then cast to ``dtype``), reshaped to
     the HF layout (GGUF lists dimensions innermost-first, so the HF shape is
@@ -344,14 +358,23 @@ def iterate_gguf_weights(
         if owns is None or owns(hf_name):  # every type checked above, only this rank's tensors dequantized
             plan.append((t, hf_name))
 
+    def unpermuted(w: torch.Tensor, hf_name: str) -> torch.Tensor:
+        if permute and ".self_attn.q_proj." in hf_name:
+            return _unpermute_qk(w, n_heads)
+        if permute and ".self_attn.k_proj." in hf_name:
+            return _unpermute_qk(w, n_kv)
+        return w
+
     for t, hf_name in tqdm(plan, desc="Loading GGUF tensors", unit="tensor", disable=not show_progress):
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        w = dequantize(t.data, t.tensor_type, shape)
-        if permute:
-            if ".self_attn.q_proj." in hf_name:
-                w = _unpermute_qk(w, n_heads)
-            elif ".self_attn.k_proj." in hf_name:
-                w = _unpermute_qk(w, n_kv)
+        if hf_name in int8:
+            if t.tensor_type.name != "Q8_0":
+                raise ValueError(f"GGUF tensor {t.name!r} of {path} is {t.tensor_type.name}, not Q8_0")
+            q, d = split_q8_0(t.data, shape)
+            yield hf_name, unpermuted(q, hf_name)  # q and k rows are permuted with their block scales
+            yield f"{hf_name.removesuffix('.weight')}.weight_scale", unpermuted(d, hf_name)
+            continue
+        w = unpermuted(dequantize(t.data, t.tensor_type, shape), hf_name)
         if dtype != torch.float32:
             w = w.to(dtype)
         yield hf_name, w

@@ -14,9 +14,10 @@ from npu_infer.loaders.compressed_tensors import load_compressed_tensors
 from npu_infer.loaders.dummy_loader import fill_dummy_weights
 from npu_infer.loaders.formats import (checkpoint_quant_config, checkpoint_quant_method, detect_load_format,
                                        feed_weights, is_msmodelslim, iterate_source_weights)
+from npu_infer.loaders.gguf_q8_0 import prepare_q8_0_layers
 from npu_infer.loaders.msmodelslim import load_msmodelslim
 from npu_infer.loaders.sharded_state import load_sharded_state
-from npu_infer.models.layers.int8_linear import INT8_SCHEMES
+from npu_infer.models.layers.int8_linear import INT8_SCHEMES, check_int8_scales
 from npu_infer.models.layers.linear import quantize_linears_int8
 from npu_infer.models.layers.smooth_quant import (CALIBRATION_SEQ_LEN, activation_ranges, calibration_token_ids,
                                                   smooth_decoder_layers)
@@ -40,11 +41,15 @@ def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
     elif checkpoint_quant_method(config.hf_config) == "compressed-tensors":  # int8, served as it is stored
         load_compressed_tensors(model, config, checkpoint_quant_config(config.hf_config))
     else:
-        feed_weights(model, iterate_source_weights(config, fmt, getattr(model, "owns_weight", None)))
+        int8 = prepare_q8_0_layers(model, config) if fmt == "gguf" else set()  # Q8_0 linears, served as stored
+        feed_weights(model, iterate_source_weights(config, fmt, getattr(model, "owns_weight", None), int8))
+        if int8:
+            check_int8_scales(model)
     if config.quantization in INT8_SCHEMES:  # quantize on load, whatever the full-precision source
         if config.quantization == "w8a8" and envs.NPU_INFER_W8A8_SMOOTHING > 0:
             smooth_for_w8a8(model, config)
-        quantize_linears_int8(model, config.quantization)
+        group = envs.NPU_INFER_W8A16_GROUP_SIZE if config.quantization == "w8a16" else 0
+        quantize_linears_int8(model, config.quantization, group or None)
 
 
 def smooth_for_w8a8(model: nn.Module, config: EngineConfig) -> None:

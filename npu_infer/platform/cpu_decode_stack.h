@@ -11,8 +11,9 @@
 namespace npu_infer_kernels {
 
 // One linear of the decode stack, as the Python layer's platform_matmul holds it: a weight pack_linear packed
-// (scheme ""), or an int8 one ("w8a8", "w8a16") with its fp32 scales and, for w8a8, its compensation sums
-// (cpu_int8_kernels.h). The bias is the one that layer's call passes: of x's dtype for "", fp32 for int8.
+// (scheme ""), or an int8 one ("w8a8", "w8a16") with its fp32 scales (w8a16: per channel, or per group of input
+// channels as [panels, groups, 64]) and, for w8a8, its compensation sums (cpu_int8_kernels.h). The bias is the one
+// that layer's call passes: of x's dtype for "", fp32 for int8.
 struct StackLinear {
   StackLinear(std::string scheme, at::Tensor packed, int64_t n, c10::optional<at::Tensor> bias,
               c10::optional<at::Tensor> scale, c10::optional<at::Tensor> comp);

@@ -150,10 +150,66 @@ inline void panel_dot_w8a16(const int8_t* panel, const bf16* x, int64_t x_stride
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc_out + m * 64 + j * 16, acc[m][j]);
 }
 
+// Group-wise scales [panels, groups, 64]: each group's partial sums in fp32 registers, then acc += partial *
+// scale[g] (the scale applied once per group, not per product). W is the panel as stored (int8, converted in
+// registers) or as made bf16 once in a scratch buffer (more rows than one pass).
+inline __m512bh load_bf16x32(const int8_t* p) { return int8x32_to_bf16(p); }
+inline __m512bh load_bf16x32(const bf16* p) { return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p)); }
+
+template <int M, typename W>
+inline void panel_dot_w8a16_grouped(const W* panel, const bf16* x, int64_t x_stride, int64_t steps,
+                                    int64_t group_steps, const float* scales, float* acc_out) {
+  for (int i = 0; i < M * 64; i += 16) _mm512_storeu_ps(acc_out + i, _mm512_setzero_ps());
+  const W* w = panel;
+  const int32_t* xp = reinterpret_cast<const int32_t*>(x);
+  for (int64_t k0 = 0; k0 < steps; k0 += group_steps, scales += 64) {
+    __m512 part[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < 4; ++j) part[m][j] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k0 + group_steps; ++k, w += 128) {
+      const char* ahead = reinterpret_cast<const char*>(w) + 128 * 128 * sizeof(W);
+      for (size_t line = 0; line < 2 * sizeof(W); ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
+      __m512bh wv[4];
+      for (int j = 0; j < 4; ++j) wv[j] = load_bf16x32(w + j * 32);
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(xp[m * x_stride + k]));
+        for (int j = 0; j < 4; ++j) part[m][j] = _mm512_dpbf16_ps(part[m][j], wv[j], xb);
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m512 s = _mm512_loadu_ps(scales + j * 16);
+      for (int m = 0; m < M; ++m) {
+        float* total = acc_out + m * 64 + j * 16;
+        _mm512_storeu_ps(total, _mm512_fmadd_ps(part[m][j], s, _mm512_loadu_ps(total)));
+      }
+    }
+    // At M = 4 the running totals stay in acc_out (L1): the compiler would keep them in registers, and 16 partial
+    // sums + 16 totals + 4 weights do not fit in 32 zmm, so it reloaded the weights for every row instead (64 rows
+    // of a 3072 x 576 weight took 1.8x the per-channel time, one thread). Up to 3 rows they all fit.
+    if constexpr (M == 4) asm volatile("" ::: "memory");
+  }
+}
+
+template <int M>
+inline void panel_dot_w8a16_any(const int8_t* panel, const bf16* scratch, const bf16* x, int64_t steps,
+                                int64_t group_steps, const float* scales, float* acc) {
+  if (scales == nullptr) {  // per channel: the scale applied in the epilogue
+    if (scratch) panel_dot<bf16, M>(scratch, x, steps, steps, acc);
+    else panel_dot_w8a16<M>(panel, x, steps, steps, acc);
+  } else if (scratch) {
+    panel_dot_w8a16_grouped<M>(scratch, x, steps, steps, group_steps, scales, acc);
+  } else {
+    panel_dot_w8a16_grouped<M>(panel, x, steps, steps, group_steps, scales, acc);
+  }
+}
+
+// w_scale: [>= panels * 64] per channel, or [panels, groups, 64] per group of K / groups input channels.
 template <typename Out>
 void linear_w8a16_impl(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
                        int64_t n, const c10::optional<at::Tensor>& bias) {
   const int64_t rows = x.size(0), steps = packed.size(1), panels = packed.size(0);
+  const bool grouped = w_scale.dim() == 3;
+  const int64_t groups = grouped ? w_scale.size(1) : 1, group_steps = steps / groups;
   const bf16* xp = x.data_ptr<bf16>();
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* swp = w_scale.data_ptr<float>();
@@ -164,8 +220,10 @@ void linear_w8a16_impl(const at::Tensor& out, const at::Tensor& x, const at::Ten
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     float acc[kMaxRowsPerPass * 64];
     std::vector<bf16> scratch(convert_once ? steps * 128 : 0);
+    const bf16* sc = convert_once ? scratch.data() : nullptr;
     for (int64_t p = begin; p < end; ++p) {
       const int8_t* panel = wp + p * steps * 128;
+      const float* gs = grouped ? swp + p * groups * 64 : nullptr;
       if (convert_once)
         for (int64_t i = 0; i < steps * 128; i += 32)
           _mm512_storeu_si512(scratch.data() + i, reinterpret_cast<__m512i>(int8x32_to_bf16(panel + i)));
@@ -173,26 +231,18 @@ void linear_w8a16_impl(const at::Tensor& out, const at::Tensor& x, const at::Ten
       for (int64_t m0 = 0; m0 < rows; m0 += kMaxRowsPerPass) {
         const int64_t mr = std::min<int64_t>(kMaxRowsPerPass, rows - m0);
         const bf16* xr = xp + m0 * steps * 2;
-        if (convert_once) {
-          switch (mr) {
-            case 1: panel_dot<bf16, 1>(scratch.data(), xr, steps, steps, acc); break;
-            case 2: panel_dot<bf16, 2>(scratch.data(), xr, steps, steps, acc); break;
-            case 3: panel_dot<bf16, 3>(scratch.data(), xr, steps, steps, acc); break;
-            default: panel_dot<bf16, 4>(scratch.data(), xr, steps, steps, acc); break;
-          }
-        } else {
-          switch (mr) {
-            case 1: panel_dot_w8a16<1>(panel, xr, steps, steps, acc); break;
-            case 2: panel_dot_w8a16<2>(panel, xr, steps, steps, acc); break;
-            case 3: panel_dot_w8a16<3>(panel, xr, steps, steps, acc); break;
-            default: panel_dot_w8a16<4>(panel, xr, steps, steps, acc); break;
-          }
+        switch (mr) {
+          case 1: panel_dot_w8a16_any<1>(panel, sc, xr, steps, group_steps, gs, acc); break;
+          case 2: panel_dot_w8a16_any<2>(panel, sc, xr, steps, group_steps, gs, acc); break;
+          case 3: panel_dot_w8a16_any<3>(panel, sc, xr, steps, group_steps, gs, acc); break;
+          default: panel_dot_w8a16_any<4>(panel, sc, xr, steps, group_steps, gs, acc); break;
         }
         for (int64_t m = 0; m < mr; ++m) {
           Out* dst = op + (m0 + m) * n + p * 64;
           for (int64_t j = 0; j < valid; j += 16) {
             const __mmask16 mask = tail_mask(valid - j);
-            __m512 y = _mm512_mul_ps(_mm512_loadu_ps(acc + m * 64 + j), _mm512_loadu_ps(swp + p * 64 + j));
+            __m512 y = _mm512_loadu_ps(acc + m * 64 + j);
+            if (!grouped) y = _mm512_mul_ps(y, _mm512_loadu_ps(swp + p * 64 + j));
             if (bp) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, bp + p * 64 + j));
             store16_masked(dst + j, y, mask);
           }
@@ -202,13 +252,30 @@ void linear_w8a16_impl(const at::Tensor& out, const at::Tensor& x, const at::Ten
   });
 }
 
-void check_int8_weight(const at::Tensor& packed, const at::Tensor& w_scale, int64_t group, int64_t n, const char* op) {
+void check_packed(const at::Tensor& packed, int64_t group, int64_t n, const char* op) {
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == 64 &&
               packed.size(3) == group && packed.is_contiguous() && packed.size(0) * 64 >= n, op,
               ": packed must be what pack_int8 returned (group ", group, ") for n = ", n, " rows, got ",
               packed.scalar_type(), " sizes ", packed.sizes());
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() >= packed.size(0) * 64,
+}
+
+void check_int8_weight(const at::Tensor& packed, const at::Tensor& w_scale, int64_t group, int64_t n, const char* op) {
+  check_packed(packed, group, n, op);
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.dim() == 1 &&
+              w_scale.numel() >= packed.size(0) * 64,
               op, ": w_scale must be contiguous fp32 [>= ", packed.size(0) * 64, "] (whole panels), got ",
+              w_scale.scalar_type(), " sizes ", w_scale.sizes());
+}
+
+// Per channel as check_int8_weight, or group-wise [panels, groups, 64] with groups dividing the K pairs (even G).
+void check_w8a16_scale(const at::Tensor& packed, const at::Tensor& w_scale, int64_t n) {
+  if (w_scale.dim() != 3) return check_int8_weight(packed, w_scale, 2, n, "linear_w8a16");
+  check_packed(packed, 2, n, "linear_w8a16");
+  const int64_t steps = packed.size(1);
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.size(0) == packed.size(0) &&
+              w_scale.size(2) == 64 && w_scale.size(1) > 0 && steps % w_scale.size(1) == 0,
+              "linear_w8a16: group-wise w_scale must be contiguous fp32 [", packed.size(0),
+              ", groups, 64] with groups dividing K / 2 = ", steps, " (an even group size), got ",
               w_scale.scalar_type(), " sizes ", w_scale.sizes());
 }
 
@@ -275,7 +342,7 @@ at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& packed, const at::
 
 at::Tensor linear_w8a16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale, int64_t n,
                         const c10::optional<at::Tensor>& bias, bool fp32_out) {
-  check_int8_weight(packed, w_scale, 2, n, "linear_w8a16");
+  check_w8a16_scale(packed, w_scale, n);
   check_bias(bias, n, "linear_w8a16");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) == packed.size(1) * 2,
               "linear_w8a16: x must be contiguous bfloat16 [M, ", packed.size(1) * 2, "] (the weight's K, even), got ",

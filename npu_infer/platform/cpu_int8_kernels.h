@@ -1,6 +1,7 @@
 // int8 linears for the CPU backend (cpu_int8_kernels.cpp): W8A8 (int8 activations quantized per token, int8
 // weights per output channel, int32 accumulation with AVX512-VNNI) and W8A16 (int8 weights turned into bf16 in
-// registers, exactly, then the bf16 dot product). Weights packed in 64-row panels like pack_linear's.
+// registers, exactly, then the bf16 dot product; scales per output channel or per group of input channels).
+// Weights packed in 64-row panels like pack_linear's.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -26,6 +27,8 @@ at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& packed, const at::
                        const at::Tensor& w_comp, int64_t n, const c10::optional<at::Tensor>& bias, bool fp32_out);
 
 // y = (x . W^T in fp32, bf16 x times the int8 weights made bf16) * w_scale[n] (+ bias), rounded once; x bf16.
+// Group-wise: w_scale [panels, groups, 64] (panel p's row r, group g at [p, g, r]; K / groups input channels a
+// group, an even number), y = sum over groups of (x . W^T over the group, in fp32) * scale (+ bias).
 at::Tensor linear_w8a16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale, int64_t n,
                         const c10::optional<at::Tensor>& bias, bool fp32_out);
 

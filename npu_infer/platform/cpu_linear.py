@@ -8,7 +8,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from npu_infer.models.layers.int8_linear import int8_matmul, quantize_per_token, w8a16_linear
+from npu_infer.models.layers.int8_linear import (dequantize_weight, group_size_of, int8_matmul, quantize_per_token,
+                                                 w8a16_linear)
 from npu_infer.platform.cpu_kernels import cpu_flags
 
 # Up to this many rows the kernel of cpu_kernels.cpp runs; above it, the library GEMM. Measured on 2 cores (a whole
@@ -62,19 +63,25 @@ W8A16_KERNEL_MAX_ROWS = 2048
 class CpuInt8Linear:
     """x @ (q * scale).T + bias for an int8 LinearBase (int8_linear.py), q packed once for cpu_int8_kernels.cpp.
 
-    W8A8 needs AVX512-VNNI and takes bf16 or fp32 x; W8A16 takes bf16 x. Elsewhere the plain-torch twin runs."""
+    W8A8 needs AVX512-VNNI and takes bf16 or fp32 x; W8A16 takes bf16 x, its scales per output channel [N] or per
+    group of input channels [N, K / G] (G even for the kernel). Elsewhere the plain-torch twin runs."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, scheme: str, kernels: ModuleType | None,
                  dtype: torch.dtype):
         self.weight, self.scale, self.scheme, self.kernels = weight, scale, scheme, kernels
         self.out_features, self.in_features = weight.shape
-        usable = kernels is not None and (scheme == "w8a16" and dtype == torch.bfloat16
+        group = group_size_of(weight, scale)
+        usable = kernels is not None and (scheme == "w8a16" and dtype == torch.bfloat16 and group % 2 == 0
                                            or scheme == "w8a8" and "avx512_vnni" in cpu_flags())
         self.packed = kernels.pack_int8(weight, 4 if scheme == "w8a8" else 2) if usable else None
-        rows = -(-self.out_features // 64) * 64  # the kernels read whole 64-row panels
-        self.scale_padded = torch.ones(rows)
-        self.scale_padded[:self.out_features] = scale
-        self.comp = torch.zeros(rows, dtype=torch.int32)  # 128 * row sums: the +128 shift of the activations
+        panels = -(-self.out_features // 64)  # the kernels read whole 64-row panels
+        groups = 1 if scale.dim() == 1 else scale.shape[1]
+        padded = torch.ones(panels * 64, groups)
+        padded[:self.out_features] = scale.reshape(self.out_features, groups)
+        # Per channel [rows]; per group [panels, groups, 64]: a panel's 64 scales of one group side by side.
+        self.scale_padded = (padded[:, 0].contiguous() if scale.dim() == 1
+                             else padded.reshape(panels, 64, groups).transpose(1, 2).contiguous())
+        self.comp = torch.zeros(panels * 64, dtype=torch.int32)  # 128 * row sums: the +128 shift of the activations
         self.comp[:self.out_features] = weight.sum(dim=1, dtype=torch.int32) * 128
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -89,7 +96,7 @@ class CpuInt8Linear:
             return self.kernels.linear_w8a16(x.contiguous(), self.packed, self.scale_padded, self.out_features,
                                              fbias, False)
         if x.dtype == torch.bfloat16:  # many rows: one bf16 copy of the weight for this call, oneDNN's GEMM
-            weight = (self.weight.float() * self.scale[:, None]).to(torch.bfloat16)
+            weight = dequantize_weight(self.weight, self.scale).to(torch.bfloat16)
             return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
         return w8a16_linear(x, self.weight, self.scale, bias)
 

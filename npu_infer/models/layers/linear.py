@@ -131,14 +131,29 @@ class RowParallelLinear(LinearBase):
         return get_tp_group().all_reduce(y)
 
 
-def quantize_linears_int8(model: nn.Module, scheme: str) -> int:
-    """Quantize every loaded LinearBase of `model` in place (weight -> int8 + per-channel scale); returns how many."""
-    count = 0
-    for module in model.modules():
+def quantize_linears_int8(model: nn.Module, scheme: str, group_size: int | None = None) -> int:
+    """Quantize every loaded LinearBase of `model` not int8 already (GGUF Q8_0) in place (weight -> int8 + fp32
+    scales); returns how many.
+
+    `group_size` (w8a16 only): one scale per that many input channels where it divides a layer's K; a layer whose
+    K it does not divide keeps one scale per output channel (logged), as does every layer with None."""
+    if group_size is not None and scheme != "w8a16":
+        raise ValueError(f"group-wise scales are for w8a16 only; {scheme} takes one scale per output channel")
+    count, per_channel, linears = 0, [], 0
+    for name, module in model.named_modules():
+        linears += isinstance(module, LinearBase)
         if isinstance(module, LinearBase) and getattr(module, "quant_scheme", None) is None:
-            make_int8(module, scheme, *quantize_weight(module.weight.data))
+            k = module.weight.shape[1]
+            group = group_size if group_size is not None and k % group_size == 0 else None
+            if group_size is not None and group is None:
+                per_channel.append(f"{name} (K = {k})")
+            make_int8(module, scheme, *quantize_weight(module.weight.data, group))
             count += 1
-    if count == 0:
+    if linears == 0:
         raise ValueError(f"--quantization {scheme} found no linear layers to quantize in this model")
-    logger.info("quantized %d linear layers to %s", count, scheme)
+    if per_channel:
+        logger.warning("group size %d does not divide the input features of %d linear layers, which keep one scale "
+                       "per output channel: %s", group_size, len(per_channel), ", ".join(per_channel[:4]))
+    logger.info("quantized %d linear layers to %s (%s)", count, scheme,
+                f"group size {group_size}" if group_size else "per channel")
     return count
