@@ -12,7 +12,7 @@ COMMANDS = {
     "env": ("npu_infer.env_report", "main", "print torch / torch_npu / CANN / transformers versions and devices"),
     "save-sharded-state": ("npu_infer.loaders.save_sharded_state", "main", "write each rank's weights to its own file"),
     "tensorize": ("npu_infer.loaders.tensorize", "main", "serialize a model for --load-format tensorizer"),
-    "quantize": ("npu_infer.loaders.compressed_tensors", "main", "write an int8 (w8a8 | w8a16) compressed-tensors checkpoint"),
+    "quantize": ("npu_infer.quantize", "main", "write an int8 (w8a8 | w8a16) compressed-tensors checkpoint"),
     "selftest": ("npu_infer.selftest", "main", "check every kernel, the sampler and two tiny models on the device"),
     "worker": ("npu_infer.worker.worker_cli", "worker_main", "run the worker ranks of one node (multi-node)"),
 }

@@ -4,12 +4,13 @@
 Prepared once after loading, on the device (what their process_weights_after_loading does):
   weight   int8 [N, K] -> [K, N] contiguous -> FRACTAL_NZ (npu_format_cast(w, 29), vllm-ascend's maybe_trans_nz)
   w8a8     scale fp32 [N]: npu_quant_matmul's `scale`
-  w8a16    scale [N] in the model dtype: npu_weight_quant_batchmatmul's `antiquant_scale` must match x
+  w8a16    scale [N] in the model dtype: npu_weight_quant_batchmatmul's `antiquant_scale` must match x;
+           group-wise scales [N, K / G] as [K / G, N] with antiquant_group_size=G (per-group mode, G % 32 == 0)
   bias     fp32 (fp16 for w8a16 in fp16, which the op requires)
 Per call (x made 2-D: [tokens, K]):
   w8a8     x_int8, pertoken_scale = npu_dynamic_quant(x)
            y = npu_quant_matmul(x_int8, weight, scale, pertoken_scale=pertoken_scale, bias=bias, output_dtype=x.dtype)
-  w8a16    y = npu_weight_quant_batchmatmul(x, weight, antiquant_scale=scale, bias=bias)
+  w8a16    y = npu_weight_quant_batchmatmul(x, weight, antiquant_scale=scale, bias=bias, antiquant_group_size=G or 0)
 
 Where we differ from vllm-ascend: W8A8's scale stays fp32 (vllm-ascend passes it in the model dtype): the result is
 then the CPU path's (int8_linear.py) up to the kernel's rounding, and an fp16 output with per-token scales takes
@@ -39,7 +40,13 @@ class NpuInt8Linear:
         if scheme == "w8a8":
             self.scale, bias_dtype = scale.float().contiguous(), torch.float32
         else:
-            self.scale = scale.to(dtype).contiguous()
+            # Group-wise scales [N, K / G] go as [K / G, N] with antiquant_group_size G (torch_npu's per-group mode).
+            self.group = 0 if scale.dim() == 1 else self.in_features // scale.shape[1]
+            if self.group and (self.group % 32 or self.group >= self.in_features):
+                raise ValueError(f"w8a16 with {self.group}-channel groups: torch_npu's per-group weight "
+                                 "dequantization takes a multiple of 32 below K; set NPU_INFER_W8A16_GROUP_SIZE=32, 64, "
+                                 "128 or channel")
+            self.scale = (scale.t() if self.group else scale).to(dtype).contiguous()
             bias_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
         self.bias = bias.detach().to(bias_dtype).contiguous() if bias is not None else None
 
@@ -53,5 +60,6 @@ class NpuInt8Linear:
             y = self._npu.npu_quant_matmul(xq, self.weight, self.scale, pertoken_scale=pertoken_scale, bias=bias,
                                            output_dtype=x.dtype)
         else:
-            y = self._npu.npu_weight_quant_batchmatmul(x2, self.weight, antiquant_scale=self.scale, bias=bias)
+            y = self._npu.npu_weight_quant_batchmatmul(x2, self.weight, antiquant_scale=self.scale, bias=bias,
+                                                       antiquant_group_size=self.group)
         return y.reshape(*lead, self.out_features)

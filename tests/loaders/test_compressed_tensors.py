@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from npu_infer import LLM, SamplingParams
 from npu_infer.cli import main as cli_main
-from npu_infer.loaders.compressed_tensors import write_quantized
+from npu_infer.quantize import write_quantized
 
 pytest.importorskip("compressed_tensors")
 PROMPTS = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 40)]

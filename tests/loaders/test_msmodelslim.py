@@ -45,6 +45,7 @@ def static_dir(tiny_qwen2_dir, tmp_path_factory):
 def test_checkpoint_gives_the_tokens_and_weights_of_quantize_on_load(kind, scheme, tiny_qwen2_dir, tmp_path,
                                                                     monkeypatch):
     monkeypatch.setenv("NPU_INFER_W8A8_SMOOTHING", "0")  # the writer quantizes the weights as they are, unsmoothed
+    monkeypatch.setenv("NPU_INFER_W8A16_GROUP_SIZE", "channel")  # and per output channel, as msmodelslim does
     ckpt = write_msmodelslim(tiny_qwen2_dir, tmp_path / "ckpt", kind)
     loaded, outs = run(ckpt)
     on_load, want = run(tiny_qwen2_dir, quantization=scheme)

@@ -220,8 +220,6 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
     group = _int(op, "antiquant_group_size", antiquant_group_size)
     _int(op, "inner_precise", inner_precise)
     _none(op, quant_scale=quant_scale, quant_offset=quant_offset, weight_dtype=weight_dtype)
-    if group != 0:
-        raise NotImplementedError(f"stand-in {op}: per-group antiquant (antiquant_group_size={group}) is not emulated")
 
     _check(x.dtype in HALF, op, "x_2d", f"x dtype {x.dtype} is not float16/bfloat16")
     _check(x.dim() == 2, op, "x_2d", f"x must be (M, K), got {tuple(x.shape)}")
@@ -242,8 +240,14 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
         raise NotImplementedError(f"stand-in {op}: int64 antiquant_scale is not emulated")
     _check(scale.dtype == x.dtype, op, "scale_dtype", f"antiquant_scale dtype {scale.dtype} != x dtype {x.dtype}")
     shape = tuple(scale.shape)
-    _check(shape in ((1,), (1, 1), (n,), (1, n)), op, "scale_per_channel",
-           f"antiquant_scale must be (N,)/(1, N) per channel or (1,)/(1, 1) per tensor with N={n}, got {shape}")
+    if group:  # per-group (torch_npu's LinearWeightQuant: a multiple of 32 in [32, K - 1]; scale (ceil(K / G), N))
+        _check(group % 32 == 0 and 32 <= group <= k - 1, op, "antiquant_group_size",
+               f"antiquant_group_size {group} must be a multiple of 32 in [32, K - 1] with K={k}")
+        _check(shape == (-(-k // group), n), op, "scale_per_group",
+               f"per-group antiquant_scale must be (ceil(K / {group}), N) = {(-(-k // group), n)}, got {shape}")
+    else:
+        _check(shape in ((1,), (1, 1), (n,), (1, n)), op, "scale_per_channel",
+               f"antiquant_scale must be (N,)/(1, N) per channel or (1,)/(1, 1) per tensor with N={n}, got {shape}")
     if offset is not None:
         _check(offset.dtype == scale.dtype, op, "offset_dtype",
                f"antiquant_offset dtype {offset.dtype} != antiquant_scale dtype {scale.dtype}")
@@ -256,8 +260,10 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
         _check(tuple(bias.shape) in ((n,), (1, n)) and bias.is_contiguous(), op, "bias_shape",
                f"bias must be a contiguous (N,) or (1, N) with N={n}, got {tuple(bias.shape)}")
 
-    wf = w.float() if offset is None else w.float() + offset.float().reshape(1, -1)
-    w_deq = (wf * scale.float().reshape(1, -1)).to(x.dtype)
+    if group:  # row k of the [K, N] weight takes row k // G of the scales (and offsets)
+        scale, offset = (t if t is None else t.repeat_interleave(group, dim=0)[:k] for t in (scale, offset))
+    wf = w.float() if offset is None else w.float() + offset.float().reshape(-1, n)
+    w_deq = (wf * scale.float().reshape(-1, n)).to(x.dtype)
     y = x.float() @ w_deq.float()
     if bias is not None:
         y = y + bias.float().reshape(-1)

@@ -193,6 +193,25 @@ def test_weight_quant_batchmatmul_is_close_to_the_cpu_twin(npu):
     torch.testing.assert_close(y.float(), twin.float(), rtol=2 ** -6, atol=2 ** -6 * float(twin.abs().max()))
 
 
+@pytest.mark.parametrize("group", [32, 64])
+def test_per_group_weight_quant_batchmatmul_is_close_to_the_group_wise_twin(npu, group):
+    """Group-wise W8A16 (scales [N, K / G]) as torch_npu's per-group mode takes it: scales [K / G, N], G given."""
+    from npu_infer.models.layers.int8_linear import quantize_weight, w8a16_linear
+    g = torch.Generator().manual_seed(group)
+    x = torch.randn(5, 192, generator=g).to(BF16)
+    wq, w_scale = quantize_weight(torch.randn(48, 192, generator=g), group)
+    assert w_scale.shape == (48, 192 // group)
+    y = npu.npu_weight_quant_batchmatmul(x, npu.npu_format_cast(wq.t().contiguous(), 29),
+                                         w_scale.t().contiguous().to(BF16), antiquant_group_size=group)
+    twin = w8a16_linear(x, wq, w_scale, None)
+    torch.testing.assert_close(y.float(), twin.float(), rtol=2 ** -6, atol=2 ** -6 * float(twin.abs().max()))
+    with pytest.raises(NpuOpRejected, match="scale_per_group"):  # the [N, K / G] layout, not transposed
+        npu.npu_weight_quant_batchmatmul(x, wq.t().contiguous(), w_scale.to(BF16), antiquant_group_size=group)
+    with pytest.raises(NpuOpRejected, match="antiquant_group_size"):  # not a multiple of 32
+        npu.npu_weight_quant_batchmatmul(x, wq.t().contiguous(), torch.ones(4, 48, dtype=BF16),
+                                         antiquant_group_size=48)
+
+
 def _wqbmm_case():
     return dict(x=torch.randn(4, 32).to(BF16), weight=int8((32, 16), 14), antiquant_scale=torch.full((16,), 0.01,
                 dtype=BF16))
