@@ -118,6 +118,19 @@ def _qtype_for(name: str, arr: np.ndarray, quant: bool):
     return T.Q4_0
 
 
+def add_model_shape(w: "gguf.GGUFWriter", cfg) -> None:
+    """The GGUF metadata of an HF config's sizes, as llama.cpp's converter writes them."""
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+
+
 @pytest.fixture(scope="session")
 def write_tiny_gguf(tmp_path_factory):
     """``write_tiny_gguf(arch, tie=..., quant=..., arch_name=None) -> (path, hf_model)``.
@@ -135,15 +148,7 @@ def write_tiny_gguf(tmp_path_factory):
         g = arch_name or arch
         w = gguf.GGUFWriter(str(path), g)
         w.add_name(f"tiny {arch}")
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_block_count(cfg.num_hidden_layers)
-        w.add_head_count(cfg.num_attention_heads)
-        w.add_head_count_kv(cfg.num_key_value_heads)
-        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        add_model_shape(w, cfg)
         w.add_bos_token_id(cfg.bos_token_id)
         w.add_eos_token_id(cfg.eos_token_id)
         if arch == "llama":

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from loaders.conftest import gguf, hf_to_gguf_name, llama_cpp_permute, tiny_hf_model
+from loaders.conftest import add_model_shape, gguf, hf_to_gguf_name, llama_cpp_permute, tiny_hf_model
 
 T = gguf.GGMLQuantizationType
 PROMPTS = [[1, 5, 9, 30, 7], list(range(40, 73)), [3, 300, 17, 250, 99, 4, 8]]
@@ -34,15 +34,7 @@ def write_gguf(path: Path, *, linears: str, f16_parts: tuple[str, ...] = (), cor
     model = tiny_hf_model("llama", tie=False, seed=3)
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    add_model_shape(w, cfg)
     w.add_rope_dimension_count(cfg.head_dim)
     for name, t in model.state_dict().items():
         arr = t.detach().float().numpy().copy()
