@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from quant_quality import scheme_setting  # beside this script: the same scheme specs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,16 +56,6 @@ def smollm2_hf_dir(out: Path) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
     return out
-
-
-def scheme_setting(spec: str) -> str | None:
-    """`w8a16:g64` (or `w8a16:channel`) -> w8a16, with NPU_INFER_W8A16_GROUP_SIZE set for the run; `none` -> None."""
-    scheme, _, group = spec.partition(":")
-    if group:
-        os.environ["NPU_INFER_W8A16_GROUP_SIZE"] = group.removeprefix("g")
-    else:
-        os.environ.pop("NPU_INFER_W8A16_GROUP_SIZE", None)
-    return None if scheme == "none" else scheme
 
 
 def make_prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
