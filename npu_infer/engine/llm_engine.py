@@ -98,7 +98,8 @@ class LLMEngine:
                 raise ValueError("structured outputs need a tokenizer; it is off (skip_tokenizer_init)")
             from npu_infer.structured_output.manager import StructuredOutputManager
             self._structured = StructuredOutputManager(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids),
-                                                       self.config.structured_outputs_backend)
+                                                       self.config.structured_outputs_backend,
+                                                       self.platform.host_worker_threads())
         return self._structured
 
     @property

@@ -1,6 +1,7 @@
 """Platform: the one place that answers every device question (memory, devices, backends, kernels)."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,6 +26,11 @@ class Platform:
     # profile_run's second step through the paged path at max_model_len (Worker._profile_paged_step): the device
     # transients that grow with the context, which the KV budget must leave room for.
     profile_paged_step: bool = True
+
+    def host_worker_threads(self) -> int:
+        """Threads the host may spend on per-step side work (the grammar bitmask) while the model runs: the
+        device computes, so the host's cores are free; half of them, at most 8, as vLLM fills its bitmasks."""
+        return max(1, min(8, (os.cpu_count() or 2) // 2))
 
     @classmethod
     def is_available(cls) -> bool:

@@ -17,13 +17,15 @@ CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's is tens of KB)
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], backend: str = "auto"):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], backend: str = "auto",
+                 fill_threads: int = 1):
         if backend not in BACKENDS:
             raise ValueError(f"unknown structured outputs backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = stop_token_ids
         self.default_backend = backend
+        self.fill_threads = fill_threads  # the platform's host_worker_threads(): 1 where the model runs on the CPU
         self._backends: dict = {}
         self._cache: OrderedDict = OrderedDict()
         self.last_compile_seconds = 0.0
@@ -31,10 +33,12 @@ class StructuredOutputManager:
     def _backend(self, name: str):
         if name not in self._backends:
             if name == "xgrammar":
-                from npu_infer.structured_output.xgrammar_backend import XgrammarBackend as cls
+                from npu_infer.structured_output.xgrammar_backend import XgrammarBackend
+                backend = XgrammarBackend(self.tokenizer, self.vocab_size, self.stop_token_ids, self.fill_threads)
             else:
-                from npu_infer.structured_output.guidance_backend import GuidanceBackend as cls
-            self._backends[name] = cls(self.tokenizer, self.vocab_size, self.stop_token_ids)
+                from npu_infer.structured_output.guidance_backend import GuidanceBackend
+                backend = GuidanceBackend(self.tokenizer, self.vocab_size, self.stop_token_ids)
+            self._backends[name] = backend
         return self._backends[name]
 
     def compile(self, params: StructuredOutputsParams):
@@ -72,12 +76,12 @@ class StructuredOutputManager:
 
     def fill_bitmask(self, matchers: list, bitmask: np.ndarray) -> np.ndarray:
         """Fill the rows of `bitmask` whose matcher is given (None: leave the row as it is), xgrammar's rows in one
-        multi-threaded call."""
-        from npu_infer.structured_output.xgrammar_backend import XgrammarMatcher, batch_fill
+        call."""
+        from npu_infer.structured_output.xgrammar_backend import XgrammarMatcher
         tensor = torch.from_numpy(bitmask)  # shares the memory
         xgr_rows = [i for i, m in enumerate(matchers) if isinstance(m, XgrammarMatcher)]
         if xgr_rows:
-            batch_fill([matchers[i] for i in xgr_rows], tensor, xgr_rows)
+            self._backend("xgrammar").fill_rows([matchers[i] for i in xgr_rows], tensor, xgr_rows)
         for i, m in enumerate(matchers):
             if m is not None and not isinstance(m, XgrammarMatcher):
                 m.fill(tensor, i)

@@ -42,17 +42,6 @@ def choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
-_batch: xgr.BatchGrammarMatcher | None = None
-
-
-def batch_fill(matchers: list[XgrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
-    """Fill the bitmask rows of many matchers in one call (xgrammar's thread pool)."""
-    global _batch
-    if _batch is None:
-        _batch = xgr.BatchGrammarMatcher(max_threads=2)
-    _batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], bitmask, rows)
-
-
 class XgrammarMatcher:
     def __init__(self, compiled: xgr.CompiledGrammar):
         self.matcher = xgr.GrammarMatcher(compiled)
@@ -70,9 +59,14 @@ class XgrammarMatcher:
 class XgrammarBackend:
     name = "xgrammar"
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], fill_threads: int = 1):
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=fill_threads)
+
+    def fill_rows(self, matchers: list[XgrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Fill the bitmask rows of many matchers in one call (on `fill_threads` threads)."""
+        self._batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], bitmask, rows)
 
     def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
         """Raises RuntimeError (xgrammar's message) for a constraint it cannot compile."""
