@@ -49,24 +49,31 @@ void quantize_impl(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
 }
 
 // ---------------------------------------------------------------------------------------------------
-// W8A8: acc[m * 64 + r] = sum_k (xq[m, k] + 128) * W[r, k] over one panel [steps, 64, 4] for M rows of xq.
-template <int M>
-inline void panel_dot_u8s8(const int8_t* panel, const int8_t* x, int64_t x_stride, int64_t steps, int32_t* acc_out) {
+// W8A8: acc[m * 64 + r] = sum_k xu[m, k] * W[r, k] over one panel [steps, 64, 4] for M rows, where xu = xq + 128
+// as uint8 (vpdpbusd multiplies u8 by s8; w_comp = 128 * sum_k W[r, k] takes the shift back out, exactly).
+// Up to 6 rows a pass: 24 accumulators + 4 weight registers + a broadcast fit the 32 zmm, and each weight load
+// serves 6 rows.
+constexpr int kW8A8RowsPerPass = 6;
+
+// `prefetch`: the first pass over a panel streams it from memory; later passes find it in the cache.
+template <int M, bool prefetch = true>
+inline void panel_dot_u8s8(const int8_t* panel, const uint8_t* xu, int64_t x_stride, int64_t steps, int32_t* acc_out) {
 #ifdef __AVX512VNNI__
   __m512i acc[M][4];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_si512();
-  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));  // s8 ^ 0x80 = s8 + 128 as u8
   const int8_t* w = panel;
+  const int32_t* x4 = reinterpret_cast<const int32_t*>(xu);
+  const int64_t row4 = x_stride / 4;
   for (int64_t k = 0; k < steps; ++k, w += 256) {
-    const char* ahead = reinterpret_cast<const char*>(w) + 256 * 128;
-    for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
+    if constexpr (prefetch) {
+      const char* ahead = reinterpret_cast<const char*>(w) + 256 * 128;
+      for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
+    }
     __m512i wv[4];
     for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_si512(w + j * 64);
     for (int m = 0; m < M; ++m) {
-      int32_t four;
-      std::memcpy(&four, x + m * x_stride + k * 4, 4);
-      const __m512i xb = _mm512_xor_si512(_mm512_set1_epi32(four), flip);
+      const __m512i xb = _mm512_set1_epi32(x4[m * row4 + k]);
       for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], xb, wv[j]);
     }
   }
@@ -81,7 +88,11 @@ template <typename Out>
 void linear_w8a8_impl(const at::Tensor& out, const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& packed,
                       const at::Tensor& w_scale, const at::Tensor& w_comp, int64_t n, const c10::optional<at::Tensor>& bias) {
   const int64_t rows = xq.size(0), steps = packed.size(1), panels = packed.size(0), xs = xq.size(1);
+  // The +128 shift once per call (M x K bytes), not once per panel in the inner loop.
+  std::vector<uint8_t> shifted(rows * xs);
   const int8_t* xp = xq.data_ptr<int8_t>();
+  for (int64_t i = 0; i < rows * xs; ++i) shifted[i] = static_cast<uint8_t>(xp[i]) ^ 0x80u;
+  const uint8_t* xu = shifted.data();
   const float* sxp = x_scale.data_ptr<float>();
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* swp = w_scale.data_ptr<float>();
@@ -89,18 +100,23 @@ void linear_w8a8_impl(const at::Tensor& out, const at::Tensor& xq, const at::Ten
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   Out* op = out.data_ptr<Out>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) int32_t acc[kMaxRowsPerPass * 64];
+    alignas(64) int32_t acc[kW8A8RowsPerPass * 64];
     for (int64_t p = begin; p < end; ++p) {
       const int8_t* panel = wp + p * steps * 256;
       const int64_t valid = std::min<int64_t>(64, n - p * 64);
-      for (int64_t m0 = 0; m0 < rows; m0 += kMaxRowsPerPass) {
-        const int64_t mr = std::min<int64_t>(kMaxRowsPerPass, rows - m0);
-        const int8_t* xr = xp + m0 * xs;
+      for (int64_t m0 = 0; m0 < rows; m0 += kW8A8RowsPerPass) {
+        const int64_t mr = std::min<int64_t>(kW8A8RowsPerPass, rows - m0);
+        const uint8_t* xr = xu + m0 * xs;
         switch (mr) {
           case 1: panel_dot_u8s8<1>(panel, xr, xs, steps, acc); break;
           case 2: panel_dot_u8s8<2>(panel, xr, xs, steps, acc); break;
           case 3: panel_dot_u8s8<3>(panel, xr, xs, steps, acc); break;
-          default: panel_dot_u8s8<4>(panel, xr, xs, steps, acc); break;
+          case 4: panel_dot_u8s8<4>(panel, xr, xs, steps, acc); break;
+          case 5: panel_dot_u8s8<5>(panel, xr, xs, steps, acc); break;
+          default:
+            if (m0 == 0) panel_dot_u8s8<6>(panel, xr, xs, steps, acc);
+            else panel_dot_u8s8<6, false>(panel, xr, xs, steps, acc);
+            break;
         }
         for (int64_t m = 0; m < mr; ++m) {
           Out* dst = op + (m0 + m) * n + p * 64;
