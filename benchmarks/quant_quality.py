@@ -5,6 +5,7 @@ agreement with the unquantized model on 64 prompts (windows of that text, 32 new
     python benchmarks/quant_quality.py                     # packaged SmolLM2 GGUF, bf16 / w8a16 / w8a8
     python benchmarks/quant_quality.py --schemes none,w8a8 --model path/to/hf_dir
     python benchmarks/quant_quality.py --schemes none,w8a16:channel,w8a16:g128,w8a16:g64,w8a16:g32  # group sizes
+    python benchmarks/quant_quality.py --schemes none,w8a8,w8a8:head,w8a16:head  # the LM head int8 too
 
 Note: the packaged SmolLM2 is a Q4_1 GGUF; "none" is that file dequantized to bf16, and the int8 schemes quantize
 those weights again. Targets (issue 16): w8a16 perplexity within 1 % of bf16's, w8a8 within 3 %.
@@ -23,12 +24,18 @@ TEXT = Path(__file__).with_name("data") / "declaration_of_independence.txt"
 
 
 def scheme_setting(spec: str) -> str | None:
-    """`w8a16:g64` (or `w8a16:channel`) -> w8a16, with NPU_INFER_W8A16_GROUP_SIZE set for the run; `none` -> None."""
-    scheme, _, group = spec.partition(":")
+    """`w8a16:g64` (or `w8a16:channel`) -> w8a16, with NPU_INFER_W8A16_GROUP_SIZE set for the run; a `:head` part
+    (`w8a8:head`, `w8a16:g64:head`) sets NPU_INFER_INT8_LM_HEAD=1; `none` -> None."""
+    scheme, *options = spec.split(":")
+    group = next((o for o in options if o != "head"), None)
     if group:
         os.environ["NPU_INFER_W8A16_GROUP_SIZE"] = group.removeprefix("g")
     else:
         os.environ.pop("NPU_INFER_W8A16_GROUP_SIZE", None)
+    if "head" in options:
+        os.environ["NPU_INFER_INT8_LM_HEAD"] = "1"
+    else:
+        os.environ.pop("NPU_INFER_INT8_LM_HEAD", None)
     return None if scheme == "none" else scheme
 
 

@@ -18,7 +18,7 @@ from npu_infer.loaders.gguf_q8_0 import prepare_q8_0_layers
 from npu_infer.loaders.msmodelslim import load_msmodelslim
 from npu_infer.loaders.sharded_state import load_sharded_state
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES, check_int8_scales
-from npu_infer.models.layers.linear import quantize_linears_int8
+from npu_infer.models.layers.linear import quantize_linears_int8, quantize_lm_head_int8
 from npu_infer.models.layers.smooth_quant import (CALIBRATION_SEQ_LEN, activation_ranges, calibration_token_ids,
                                                   smooth_decoder_layers)
 
@@ -50,6 +50,8 @@ def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
             smooth_for_w8a8(model, config)
         group = envs.NPU_INFER_W8A16_GROUP_SIZE if config.quantization == "w8a16" else 0
         quantize_linears_int8(model, config.quantization, group or None)
+        if envs.NPU_INFER_INT8_LM_HEAD:
+            quantize_lm_head_int8(model, config.quantization, group or None)
 
 
 def smooth_for_w8a8(model: nn.Module, config: EngineConfig) -> None:

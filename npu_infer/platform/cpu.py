@@ -103,7 +103,8 @@ class CpuPlatform(Platform):
         for module in model.modules():
             if getattr(module, "quant_scheme", None) in INT8_SCHEMES:  # int8 (int8_linear.py)
                 module.platform_matmul = CpuInt8Linear(module.weight.detach(), module.weight_scale.detach(),
-                                                       module.quant_scheme, kernels, dtype)
+                                                       module.quant_scheme, kernels, dtype,
+                                                       fp32_out=getattr(module, "fp32_logits", False))
             elif getattr(module, "quant_scheme", None) is not None:
                 continue  # static W8A8: its plain-torch twin (no kernel of ours takes a per-tensor offset)
             elif hasattr(module, "platform_matmul") and getattr(module, "weight", None) is not None:

@@ -67,8 +67,9 @@ class CpuInt8Linear:
     group of input channels [N, K / G] (G even for the kernel). Elsewhere the plain-torch twin runs."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, scheme: str, kernels: ModuleType | None,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, fp32_out: bool = False):
         self.weight, self.scale, self.scheme, self.kernels = weight, scale, scheme, kernels
+        self.fp32_out = fp32_out  # an int8 LM head: fp32 logits, as CpuPackedLinear(logits=True) gives
         self.out_features, self.in_features = weight.shape
         group = group_size_of(weight, scale)
         usable = kernels is not None and (scheme == "w8a16" and dtype == torch.bfloat16 and group % 2 == 0
@@ -89,16 +90,16 @@ class CpuInt8Linear:
         if self.scheme == "w8a8":
             if self.packed is not None and x.dim() == 2 and x.shape[0] <= W8A8_KERNEL_MAX_ROWS:
                 return self.kernels.linear_w8a8(x.contiguous(), self.packed, self.scale_padded, self.comp,
-                                                self.out_features, fbias, False)
+                                                self.out_features, fbias, self.fp32_out)
             return self._w8a8_library(x, fbias)
         if (self.packed is not None and x.dim() == 2 and x.dtype == torch.bfloat16
                 and x.shape[0] <= W8A16_KERNEL_MAX_ROWS and self.in_features % 2 == 0):
             return self.kernels.linear_w8a16(x.contiguous(), self.packed, self.scale_padded, self.out_features,
-                                             fbias, False)
-        if x.dtype == torch.bfloat16:  # many rows: one bf16 copy of the weight for this call, oneDNN's GEMM
+                                             fbias, self.fp32_out)
+        if x.dtype == torch.bfloat16 and not self.fp32_out:  # many rows: a bf16 copy of the weight, oneDNN's GEMM
             weight = dequantize_weight(self.weight, self.scale).to(torch.bfloat16)
             return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
-        return w8a16_linear(x, self.weight, self.scale, bias)
+        return w8a16_linear(x, self.weight, self.scale, bias, torch.float32 if self.fp32_out else None)
 
     def _w8a8_library(self, x: torch.Tensor, fbias: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -110,7 +111,7 @@ class CpuInt8Linear:
         y = int8_matmul(xq, self.weight).float() * (x_scale[:, None] * self.scale[None, :])
         if fbias is not None:
             y = y + fbias
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return y.to(torch.float32 if self.fp32_out else x.dtype).reshape(*lead, self.out_features)
 
     @property
     def runs_in_stack(self) -> bool:

@@ -132,7 +132,7 @@ class NpuPlatform(Platform):
                 raise ValueError("static W8A8 (an msmodelslim 'W8A8' checkpoint) is served on the CPU only for now: "
                                  "its NPU path (npu_quantize, then npu_quant_matmul with deq_scale and quant_bias) is "
                                  "not written yet; on the NPU serve a W8A8_DYNAMIC checkpoint")
-            linear = NpuInt8Linear(module.weight.detach(), module.weight_scale.detach(), module.bias,
+            linear = NpuInt8Linear(module.weight.detach(), module.weight_scale.detach(), getattr(module, "bias", None),
                                    module.quant_scheme, dtype)
             module.weight = torch.nn.Parameter(linear.weight, requires_grad=False)
             module.weight_scale = torch.nn.Parameter(linear.scale, requires_grad=False)

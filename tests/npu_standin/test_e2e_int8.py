@@ -219,3 +219,17 @@ def test_static_w8a8_is_refused_on_the_npu_in_one_sentence(tiny_llama_dir, tmp_p
     finally:
         uninstall()
         gc.collect()
+
+
+def test_an_int8_lm_head_runs_through_torch_npus_int8_ops(tiny_qwen2_dir, monkeypatch):
+    """NPU_INFER_INT8_LM_HEAD=1: the (tied) LM head is prepared and run like the decoder's linears, and the engine
+    agrees with the CPU plain-torch twin under the same setting."""
+    model = str(tiny_qwen2_dir)
+    monkeypatch.setenv("NPU_INFER_INT8_LM_HEAD", "1")
+    cpu = cpu_plain_torch(model, "w8a8")
+    monkeypatch.setenv("NPU_INFER_INT8_LM_HEAD", "1")  # run_npu undoes the monkeypatch when it ends
+    npu, calls, layers = run_npu(model, "w8a8", monkeypatch)
+    assert len(layers) == 9 and calls.get("npu_format_cast") == 9  # 8 decoder linears and the head
+    assert sum(tuple(layer[1]) == (64, 256) for layer in layers) == 3  # 2 gate_up and the head [hidden, vocab]
+    assert all(layer[0] == 29 and layer[2] == "npu" and layer[5] == "NpuInt8Linear" for layer in layers)
+    compare_greedy(cpu, npu, min_agreement=0.4)

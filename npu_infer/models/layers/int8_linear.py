@@ -11,7 +11,8 @@ Static W8A8 (msmodelslim's "W8A8", as vllm-ascend's AscendW8A8LinearMethod compu
 one stored scale and offset per tensor, x_q = clamp(round(x / input_scale + input_offset), -128, 127); then
 y = (x_q . q + quant_bias) * deq_scale[n], where msmodelslim folded the offset's correction and the layer's float bias
 into quant_bias (int32) and input_scale * weight_scale into deq_scale.
-The embedding and the LM head are not LinearBase layers: they stay in the model dtype."""
+The embedding and the LM head are not LinearBase layers: they stay in the model dtype, except the LM head where
+NPU_INFER_INT8_LM_HEAD asks for it (linear.quantize_lm_head_int8)."""
 from __future__ import annotations
 
 
@@ -102,15 +103,17 @@ def w8a8_static_linear(x: torch.Tensor, wq: torch.Tensor, input_scale: torch.Ten
     return (acc.float() * deq_scale).to(x.dtype).reshape(*lead, wq.shape[0])
 
 
-def int8_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
-    """The plain-torch forward of a LinearBase made int8 (quantize_linears_int8, or an int8 checkpoint's loader)."""
+def int8_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The plain-torch forward of a LinearBase made int8 (quantize_linears_int8, or an int8 checkpoint's loader), or
+    of an int8 LM head (quantize_lm_head_int8; out_dtype fp32)."""
     if layer.quant_scheme == W8A8_STATIC:
         # The float bias is in quant_bias; a row-parallel layer adds it on TP rank 0 only, as it does a bias.
         first = layer.tp_dim != 1 or layer.tp_rank == 0
         return w8a8_static_linear(x, layer.weight, layer.input_scale, layer.input_offset, layer.deq_scale,
                                   layer.quant_bias if first else None)
     fn = w8a8_linear if layer.quant_scheme == "w8a8" else w8a16_linear
-    return fn(x, layer.weight, layer.weight_scale, bias)
+    return fn(x, layer.weight, layer.weight_scale, bias, out_dtype)
 
 
 def make_int8(layer: nn.Module, scheme: str, wq: torch.Tensor, scale: torch.Tensor) -> None:
