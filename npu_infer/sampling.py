@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from npu_infer.platform.torch_ops import TorchOps
 from npu_infer.structured_output.params import StructuredOutputsParams
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch generators take 64-bit seeds
@@ -292,24 +293,26 @@ def _logprob_info(logprobs: torch.Tensor, tokens: torch.Tensor, k: int):
     return chosen.tolist(), ranks.tolist(), top.indices.tolist(), top.values.tolist()
 
 
-def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
-    """Sample one token per row of ``logits`` [B, V]; see :class:`SamplingMetadata` for what each row asks."""
+def sample(logits: torch.Tensor, rows: list[SamplerRow], ops: TorchOps | None = None) -> SamplerOutput:
+    """Sample one token per row of ``logits`` [B, V]; see :class:`SamplingMetadata` for what each row asks. `ops`:
+    the platform's fused_ops() (its argmax for greedy rows), plain torch by default."""
     meta = SamplingMetadata.build(rows, logits.shape[1], logits.device)
-    return sample_with(logits, meta)
+    return sample_with(logits, meta, ops or TorchOps())
 
 
-def sample_with(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+def sample_with(logits: torch.Tensor, meta: SamplingMetadata, ops: TorchOps | None = None) -> SamplerOutput:
+    ops = ops or TorchOps()
     logits = logits.float()
     want_logprobs = any(k is not None for k in meta.num_logprobs)
     raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None  # before penalties, as vLLM reports
     logits = _apply_penalties(logits, meta)
     if meta.all_greedy:
-        tokens = logits.argmax(dim=-1)  # the common fast path: no copies, no sort
+        tokens = ops.argmax_rows(logits)  # the common fast path: no copies, no sort
     else:
         scaled = _top_k_top_p_min_p(logits / meta.temperature, meta)
         tokens = _random_sample(scaled.softmax(dim=-1), meta)
         if meta.greedy is not None:
-            tokens = torch.where(meta.greedy, logits.argmax(dim=-1), tokens)
+            tokens = torch.where(meta.greedy, ops.argmax_rows(logits), tokens)
     out_logprobs: list = [None] * meta.num_rows
     if raw_logprobs is not None:
         k = max(x or 0 for x in meta.num_logprobs)

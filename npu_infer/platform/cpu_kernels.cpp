@@ -530,4 +530,54 @@ void ban_by_bitmask_(const at::Tensor& logits, const at::Tensor& bitmask, const 
   else ban_by_bitmask_impl<float>(logits, bitmask, rows);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Greedy sampling: the index of each row's largest logit, the first one on ties (torch.argmax's answer). One pass
+// for the row's maximum, one for its first position; torch's argmax walks the row one element at a time (2.8 ms
+// for 64 x 49152 fp32 on 2 cores). A row holding a NaN is left to torch (rows_with_nan), which calls NaN the
+// maximum.
+template <typename T>
+void argmax_rows_impl(const at::Tensor& logits, const at::Tensor& out, const at::Tensor& has_nan) {
+  const int64_t rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0);
+  const T* base = logits.data_ptr<T>();
+  int64_t* op = out.data_ptr<int64_t>();
+  bool* nan = has_nan.data_ptr<bool>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = base + r * stride;
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      __mmask16 unordered = 0;
+      for (int64_t v = 0; v < vocab; v += 16) {
+        const __mmask16 m = tail_mask(vocab - v);
+        const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m, load16_masked(row + v, m));
+        unordered |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        mx = _mm512_max_ps(mx, x);
+      }
+      nan[r] = unordered != 0;
+      const float best = _mm512_reduce_max_ps(mx);
+      const __m512 target = _mm512_set1_ps(best);
+      int64_t found = 0;
+      for (int64_t v = 0; v < vocab; v += 16) {
+        const __mmask16 m = tail_mask(vocab - v);
+        const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, load16_masked(row + v, m), target, _CMP_EQ_OQ);
+        if (hit) {
+          found = v + __builtin_ctz(static_cast<unsigned>(hit));
+          break;
+        }
+      }
+      op[r] = found;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> argmax_rows(const at::Tensor& logits) {
+  check_float("argmax_rows", "logits", logits);
+  check_rows("argmax_rows", "logits", logits, "[rows, vocab]");
+  TORCH_CHECK(logits.size(1) > 0, "argmax_rows: logits must have at least one column");
+  at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  at::Tensor has_nan = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
+  if (is_bf16(logits)) argmax_rows_impl<bf16>(logits, out, has_nan);
+  else argmax_rows_impl<float>(logits, out, has_nan);
+  return {out, has_nan};
+}
+
 }  // namespace npu_infer_kernels

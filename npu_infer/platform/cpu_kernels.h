@@ -38,5 +38,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
 // bitmask [B, W] int32 (xgrammar's packed layout), row b of the mask going to logits row rows[b] ([B] int64);
 // tokens past the mask's 32 * W bits are banned too.
 void ban_by_bitmask_(const at::Tensor& logits, const at::Tensor& bitmask, const at::Tensor& rows);
+// (index of each row's first maximum [rows] int64, whether the row holds a NaN [rows] bool)
+std::tuple<at::Tensor, at::Tensor> argmax_rows(const at::Tensor& logits);
 
 }  // namespace npu_infer_kernels

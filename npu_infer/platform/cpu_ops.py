@@ -20,6 +20,14 @@ class CpuOps(TorchOps):
     def __init__(self, kernels: ModuleType):
         self.kernels = kernels
 
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.device.type != "cpu" or not _rows(logits) or logits.shape[1] == 0:
+            return super().argmax_rows(logits)
+        tokens, has_nan = self.kernels.argmax_rows(logits)
+        if bool(has_nan.any()):  # torch calls NaN the maximum: its answer for those rows
+            tokens[has_nan] = super().argmax_rows(logits[has_nan])
+        return tokens
+
     def ban_by_bitmask_(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         if logits.device.type != "cpu" or not _rows(logits) or bitmask.dtype != torch.int32 or bitmask.stride(-1) != 1:
             return super().ban_by_bitmask_(logits, bitmask, rows)

@@ -6,6 +6,7 @@ rotary        -> torch_npu._npu_rotary_embedding(positions, query, key, head_siz
                  in place on contiguous [T, heads*head_dim] copies of q and k; rope_step (once per step) hands
                  it the positions and the table in the query's dtype
 silu_and_mul  -> torch_npu.npu_swiglu(self, dim=-1): silu(first half) * second half
+argmax_rows, ban_by_bitmask_ (greedy sampling, structured-output masks): TorchOps' plain-torch ops, on the device
 
 Signatures and constraints: torch_npu 2.14.0, recorded in tests/npu_standin/declarations.json.
 """
@@ -16,7 +17,7 @@ import weakref
 import torch
 
 from npu_infer.platform.torch_npu_import import import_torch_npu
-from npu_infer.platform.torch_ops import RopeStep
+from npu_infer.platform.torch_ops import RopeStep, TorchOps
 
 # _npu_rotary_embedding builds its cos/sin tables from the FIRST cos_sin_cache it is given in the process and
 # silently reuses them afterwards (op-plugin's InitializeCosSinCache).  A model owns one table (its
@@ -26,7 +27,7 @@ from npu_infer.platform.torch_ops import RopeStep
 _FIRST_ROPE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class NpuFusedOps:
+class NpuFusedOps(TorchOps):
     def __init__(self):
         self._npu = import_torch_npu()
         self._rope: dict[tuple, tuple] = {}  # (id(cache), dtype) -> (weakref, version, cache passed to the op)

@@ -31,6 +31,10 @@ def _bit_values(device: torch.device) -> torch.Tensor:
 
 
 class TorchOps:
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy sampling: each row's index of its largest logit, the first on ties ([rows] int64)."""
+        return logits.argmax(dim=-1)
+
     def ban_by_bitmask_(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Structured outputs: logits[rows[b], v] = -inf where bit v of bitmask[b] (xgrammar's packed int32 words,
         on the logits' device) is 0, and past the mask's bits (a vocabulary padded beyond the tokenizer's)."""

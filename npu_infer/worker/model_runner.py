@@ -217,7 +217,7 @@ class ModelRunner:
             state = self.requests[c.request_id]
             rows.append(SamplerRow(state.params, self._generator(state), state.prompt_ids(),
                                    state.output_ids(c.start_pos + len(c.token_ids))))
-        result = sample(logits, rows)
+        result = sample(logits, rows, current_platform().fused_ops())
         return list(zip(result.token_ids, result.logprobs))
 
     def _generator(self, state: CachedRequest) -> torch.Generator | None:

@@ -212,6 +212,45 @@ def test_bitmask_ban_equals_xgrammar_and_the_torch_path(kernels, dtype, vocab, w
     assert torch.equal(got.float(), want) and torch.equal(twin, got)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,vocab", [(64, 49152), (3, 49157), (1, 7)])
+def test_argmax_rows_equals_torch_argmax_ties_nans_and_banned_rows_included(kernels, dtype, rows, vocab):
+    """Greedy sampling's argmax: torch's answer on every row, the first index on ties, a row holding a NaN (torch
+    calls NaN the maximum), a row banned to -inf everywhere, +inf and a maximum in the vector loop's tail."""
+    from npu_infer.platform.cpu_ops import CpuOps
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    logits[0, vocab // 3] = logits[0, vocab // 2] = 50.0  # a tie: the first one wins
+    if rows > 2:
+        logits[1] = float("-inf")
+        logits[1, vocab - 1] = float("-inf")
+        logits[2, vocab - 1] = 60.0  # in the tail of the last 16-lane load
+    if rows > 3:
+        logits[3, 5] = float("nan")
+        logits[4, 100] = float("inf")
+        logits[5, [7, 9]] = float("inf")
+    wide = torch.zeros(rows, vocab + 3, dtype=dtype)  # rows not packed back to back
+    wide[:, :vocab] = logits
+    for x in (logits, wide[:, :vocab]):
+        got = CpuOps(kernels).argmax_rows(x)
+        assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))
+    tokens, has_nan = kernels.argmax_rows(logits)
+    assert has_nan.tolist() == [rows > 3 and r == 3 for r in range(rows)]
+
+
+def test_argmax_rows_in_the_sampler_is_the_platform_kernel(kernels, monkeypatch):
+    """Greedy rows of sample() go through the platform's argmax (the CPU kernel here), random rows do not."""
+    from npu_infer.platform.cpu_ops import CpuOps
+    from npu_infer.sampling import SamplerRow, SamplingParams, sample
+    calls = []
+    ops = CpuOps(kernels)
+    monkeypatch.setattr(kernels, "argmax_rows", lambda x, _f=kernels.argmax_rows: calls.append(x.shape) or _f(x),
+                        raising=False)
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    rows = [SamplerRow(SamplingParams(temperature=0.0), None, [1], []) for _ in range(4)]
+    assert sample(logits, rows, ops).token_ids == logits.argmax(dim=-1).tolist()
+    assert calls == [(4, 300)]
+
+
 def test_bitmask_ban_refuses_a_row_outside_the_logits(kernels):
     logits = torch.zeros(2, 64)
     with pytest.raises(RuntimeError, match=r"rows\[0\] = 2 is outside the 2 rows"):

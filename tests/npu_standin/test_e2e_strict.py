@@ -85,8 +85,8 @@ def test_a_host_tensor_mixed_into_device_logits_fails_the_run(device, tiny_llama
     from npu_infer import sampling
     sample_with = sampling.sample_with
 
-    def host_bias(logits, meta):
-        return sample_with(logits + torch.zeros(logits.shape), meta)  # a host tensor of the logits' shape
+    def host_bias(logits, meta, ops=None):
+        return sample_with(logits + torch.zeros(logits.shape), meta, ops)  # a host tensor of the logits' shape
     monkeypatch.setattr(sampling, "sample_with", host_bias)
     with strict(device), pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
         LLM(str(tiny_llama_dir), device=device, kv_cache_memory="16MiB", **ENGINE)  # profile_run samples

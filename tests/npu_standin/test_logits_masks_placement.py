@@ -23,3 +23,24 @@ def test_masks_apply_on_the_device_as_on_the_host(strict_device):
     assert torch.equal(got, want)
     assert want[0, 1] == host[0, 1] + 5 and want[0, 2] == float("-inf")
     assert torch.isfinite(want[1]).nonzero().flatten().tolist() == [3, 4, 99] and want[1, 3] == host[1, 3] + 1
+
+
+def test_constrained_and_greedy_requests_run_through_the_npu_platforms_ops(tiny_chat_model_dir):
+    """The engine on the strict stand-in takes the NPU platform's fused ops for the masks and the greedy argmax
+    (NpuFusedOps once lacked both: every such request would have raised on a card)."""
+    from npu_infer import LLM, SamplingParams
+    from npu_infer.structured_output import StructuredOutputsParams
+    from . import install, uninstall
+    install(strict=True)
+    try:
+        llm = LLM(str(tiny_chat_model_dir), device="npu", dtype="bfloat16", max_model_len=256, max_num_seqs=4,
+                  kv_cache_memory="64MiB")
+        choice = StructuredOutputsParams(choice=["yes", "no", "maybe"])
+        params = [SamplingParams(temperature=0.0, max_tokens=8, structured_outputs=choice),
+                  SamplingParams(temperature=0.9, seed=3, max_tokens=8, structured_outputs=choice),
+                  SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)]
+        outs = llm.generate(["Answer:", "Answer again:", "Go on:"], params, use_tqdm=False)
+    finally:
+        uninstall()
+    assert [o.outputs[0].text in ("yes", "no", "maybe") for o in outs[:2]] == [True, True]
+    assert len(outs[2].outputs[0].token_ids) == 6
