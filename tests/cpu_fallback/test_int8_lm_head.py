@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import cpu_has_kernel_flags, set_cpu_kernels
+from cpu_fallback.test_int8 import prompt_logprobs
 from npu_infer.models.layers import int8_linear
 from npu_infer.models.layers.int8_linear import quantize_weight
 from npu_infer.platform import cpu_kernels
@@ -36,14 +37,6 @@ def test_int8_head_kernel_gives_the_twins_fp32_logits(scheme, rows):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
-def teacher_forced_logprobs(model_dir, scheme, prompt):
-    from npu_infer import LLM, SamplingParams
-    llm = LLM(str(model_dir), device="cpu", dtype="bfloat16", kv_cache_memory="8MiB", skip_tokenizer_init=True,
-              max_model_len=256, max_num_batched_tokens=8, max_num_seqs=4, quantization=scheme)
-    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
-    return llm, torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i > 0])
-
-
 @pytest.mark.parametrize("scheme", ["w8a8", "w8a16"])
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])  # untied, tied embedding
 def test_engine_with_an_int8_head_on_both_op_paths(scheme, model_fixture, request, monkeypatch):
@@ -60,7 +53,7 @@ def test_engine_with_an_int8_head_on_both_op_paths(scheme, model_fixture, reques
                 monkeypatch.setenv("NPU_INFER_INT8_LM_HEAD", "1")
             set_cpu_kernels(path == "cpu-kernels")
             try:
-                llm, got = teacher_forced_logprobs(model_dir, scheme, prompt)
+                llm, got = prompt_logprobs(model_dir, scheme, prompt)
             finally:
                 set_cpu_kernels(True)
                 monkeypatch.delenv("NPU_INFER_INT8_LM_HEAD", raising=False)
