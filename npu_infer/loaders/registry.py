@@ -17,8 +17,9 @@ from npu_infer.loaders.formats import (checkpoint_quant_config, checkpoint_quant
 from npu_infer.loaders.gguf_q8_0 import prepare_q8_0_layers
 from npu_infer.loaders.msmodelslim import load_msmodelslim
 from npu_infer.loaders.sharded_state import load_sharded_state
+from npu_infer.models.layers.embedding import quantize_lm_head_int8
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES, check_int8_scales
-from npu_infer.models.layers.linear import quantize_linears_int8, quantize_lm_head_int8
+from npu_infer.models.layers.linear import quantize_linears_int8
 from npu_infer.models.layers.smooth_quant import (CALIBRATION_SEQ_LEN, activation_ranges, calibration_token_ids,
                                                   smooth_decoder_layers)
 

@@ -63,6 +63,16 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}  # kept across a preemption: the draws go on
         self._pinned: list[torch.Tensor] = []  # one pinned host buffer per step input (_to_device)
         self._staged: list[torch.Tensor] = []
+        self._ops = None  # the platform's fused_ops(): masks and greedy argmax (see fused_ops)
+
+    @property
+    def fused_ops(self):
+        """The platform's fused ops, taken once, on the first sampling step (profile_run's, inside the engine
+        that decided the platform): later steps may run where no platform is current (a test's module-scoped
+        engine, say)."""
+        if self._ops is None:
+            self._ops = current_platform().fused_ops()
+        return self._ops
 
     def update_requests(self, step: StepInput) -> None:
         """Apply the step's changes to the requests this worker keeps: drop the finished, (re)start the new and
@@ -171,7 +181,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[torch.from_numpy(last_token).to(self.device)])
             if masks is not None:  # structured outputs, allowed ids, bad words, logit_bias, min_tokens
                 logits = apply_logits_masks(logits.float(), masks, {chunks[i].request_id: j for j, i in enumerate(rows)},
-                                            current_platform().fused_ops())
+                                            self.fused_ops)
             try:
                 results = self._sample_rows([chunks[i] for i in rows], logits)
             except Exception:  # noqa: BLE001 -- one row's failure: sample row by row, so only that row fails
@@ -217,7 +227,7 @@ class ModelRunner:
             state = self.requests[c.request_id]
             rows.append(SamplerRow(state.params, self._generator(state), state.prompt_ids(),
                                    state.output_ids(c.start_pos + len(c.token_ids))))
-        result = sample(logits, rows, current_platform().fused_ops())
+        result = sample(logits, rows, self.fused_ops)
         return list(zip(result.token_ids, result.logprobs))
 
     def _generator(self, state: CachedRequest) -> torch.Generator | None:

@@ -12,7 +12,7 @@ one stored scale and offset per tensor, x_q = clamp(round(x / input_scale + inpu
 y = (x_q . q + quant_bias) * deq_scale[n], where msmodelslim folded the offset's correction and the layer's float bias
 into quant_bias (int32) and input_scale * weight_scale into deq_scale.
 The embedding and the LM head are not LinearBase layers: they stay in the model dtype, except the LM head where
-NPU_INFER_INT8_LM_HEAD asks for it (linear.quantize_lm_head_int8)."""
+NPU_INFER_INT8_LM_HEAD asks for it (embedding.quantize_lm_head_int8)."""
 from __future__ import annotations
 
 

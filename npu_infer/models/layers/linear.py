@@ -157,20 +157,3 @@ def quantize_linears_int8(model: nn.Module, scheme: str, group_size: int | None 
     logger.info("quantized %d linear layers to %s (%s)", count, scheme,
                 f"group size {group_size}" if group_size else "per channel")
     return count
-
-
-def quantize_lm_head_int8(model: nn.Module, scheme: str, group_size: int | None = None) -> bool:
-    """Make the LM head int8 as quantize_linears_int8 makes a linear (NPU_INFER_INT8_LM_HEAD): at batch 64 on the
-    CPU its [vocab, hidden] GEMM is a fifth of a SmolLM2 decode step. A tied embedding keeps its own weight in the
-    model dtype (the lookup reads rows, not the GEMM). Its logits stay fp32 (`fp32_logits`). False when this rank
-    has no LM head (an earlier PP stage)."""
-    from npu_infer.models.layers.embedding import ParallelLMHead
-    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
-    for head in heads:
-        k = head.weight.shape[1]
-        group = group_size if scheme == "w8a16" and group_size is not None and k % group_size == 0 else None
-        make_int8(head, scheme, *quantize_weight(head.weight.data, group))
-        head.fp32_logits = True
-    if heads:
-        logger.info("quantized the LM head to %s", scheme)
-    return bool(heads)
