@@ -297,7 +297,7 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], ops: TorchOps | None = 
     """Sample one token per row of ``logits`` [B, V]; see :class:`SamplingMetadata` for what each row asks. `ops`:
     the platform's fused_ops() (its argmax for greedy rows), plain torch by default."""
     meta = SamplingMetadata.build(rows, logits.shape[1], logits.device)
-    return sample_with(logits, meta, ops or TorchOps())
+    return sample_with(logits, meta, ops)
 
 
 def sample_with(logits: torch.Tensor, meta: SamplingMetadata, ops: TorchOps | None = None) -> SamplerOutput:

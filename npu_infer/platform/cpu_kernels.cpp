@@ -533,8 +533,8 @@ void ban_by_bitmask_(const at::Tensor& logits, const at::Tensor& bitmask, const 
 // ---------------------------------------------------------------------------------------------------
 // Greedy sampling: the index of each row's largest logit, the first one on ties (torch.argmax's answer). One pass
 // for the row's maximum, one for its first position; torch's argmax walks the row one element at a time (2.8 ms
-// for 64 x 49152 fp32 on 2 cores). A row holding a NaN is left to torch (rows_with_nan), which calls NaN the
-// maximum.
+// for 64 x 49152 fp32 on 2 cores). A row holding a NaN is flagged in has_nan and left to torch (CpuOps.argmax_rows),
+// which calls NaN the maximum.
 template <typename T>
 void argmax_rows_impl(const at::Tensor& logits, const at::Tensor& out, const at::Tensor& has_nan) {
   const int64_t rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0);

@@ -54,17 +54,14 @@ class ParallelLMHead(VocabParallelEmbedding):
         return logits[..., :self.vocab_size]
 
 
-def quantize_lm_head_int8(model: nn.Module, scheme: str, group_size: int | None = None) -> bool:
+def quantize_lm_head_int8(model: nn.Module, scheme: str, group_size: int | None = None) -> None:
     """Make the LM head int8 as quantize_linears_int8 makes a linear (NPU_INFER_INT8_LM_HEAD): at batch 64 on the
     CPU its [vocab, hidden] GEMM is a fifth of a SmolLM2 decode step. A tied embedding keeps its own weight in the
-    model dtype (the lookup reads rows, not the GEMM). Its logits stay fp32 (`fp32_logits`). False when this rank
-    has no LM head (an earlier PP stage)."""
-    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
-    for head in heads:
+    model dtype (the lookup reads rows, not the GEMM). Its logits stay fp32 (`fp32_logits`). An earlier PP stage
+    has no LM head: nothing to do there."""
+    for head in (m for m in model.modules() if isinstance(m, ParallelLMHead)):
         k = head.weight.shape[1]
         group = group_size if scheme == "w8a16" and group_size is not None and k % group_size == 0 else None
         make_int8(head, scheme, *quantize_weight(head.weight.data, group))
         head.fp32_logits = True
-    if heads:
         logger.info("quantized the LM head to %s", scheme)
-    return bool(heads)
