@@ -78,7 +78,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("NPU_INFER_W8A16_GROUP_SIZE", "input channels per weight scale for w8a16 (`--quantization w8a16` "
                                           f"and `npu-infer quantize`): default {_DEFAULT_W8A16_GROUP_SIZE}; `channel` "
                                           "(or 0) for one scale per output channel", _group_size),
-    EnvVar("NPU_INFER_INT8_LM_HEAD", "1: --quantization w8a8|w8a16 on load makes the LM head int8 too (its logits "
+    EnvVar("NPU_INFER_INT8_LM_HEAD", "1: --quantization w8a8 or w8a16 on load makes the LM head int8 too (its logits "
                                      "stay fp32; the embedding stays in the model dtype). Default 0: a bf16 LM head",
            lambda raw: raw == "1"),
     EnvVar("NPU_INFER_CPU_KERNELS", "0: plain torch ops instead of the AVX-512 C++ kernels", _switch),
