@@ -281,123 +281,244 @@ inline __m512 dot_lanes(const T* q, const T* k) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Decode attention straight from the paged cache: one query token per sequence, q [B, H, D] (row stride
-// free), block_tables [B, max_blocks] int32, seq_lens [B] int32. One work item per (sequence, KV head):
-// its H/KVH query heads score every cached token (fp32), softmax in fp32, then weight V. No gather copy;
-// tokens are walked block by block (no division per token), scores four tokens at a time.
-template <typename T, int NC>  // NC = head_dim / 16
-void decode_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
-                           const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+// Attention straight from the paged cache, for decode and prefill alike (the step's k/v are written first). q
+// [T, H, D] (row stride free) holds each sequence's query rows end to end (query_start_loc [S + 1]), block_tables
+// [S, max_blocks] int32, seq_lens [S] int32 (cached + new tokens). A sequence's query row i of q_len sees its first
+// seq_len - q_len + i + 1 tokens (causal). No gather copy, no mask tensor.
+//
+// A work item is one (sequence, KV head) and up to kAttnRows of the sequence's query rows: its rows x group query
+// vectors read the same cached tokens, each up to its own length. Scores in fp32 four tokens at a time, walked block
+// by block (no division per token) with the next block prefetched (blocks are scattered, so the hardware prefetcher
+// loses the stream at every block edge); softmax in fp32; then each V row is converted once and weighted for up to
+// kValueQueries<NC> query vectors at a time.
+constexpr int64_t kAttnRows = 4;
+template <int NC> constexpr int kValueQueries = NC <= 4 ? 4 : NC <= 8 ? 2 : 1;  // accumulators: <= 16 zmm
+
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
+// The cached tokens of one (sequence, KV head): block `blk` of K or V, and how many of its tokens are below `len`.
+template <typename T>
+struct PagedHead {
+  const T* k;
+  const T* v;
+  const int32_t* table;
+  int64_t block_size, block_elems;
+  const T* block(const T* base, int64_t blk) const { return base + static_cast<int64_t>(table[blk]) * block_elems; }
+  int64_t tokens_in(int64_t blk, int64_t len) const { return std::min(block_size, len - blk * block_size); }
+};
+
+// out_q = sum_t p_q[t] v[t] / sum_q for hc <= HC query vectors; p beyond a vector's own length is exp(-inf) = 0.
+template <typename T, int NC, int HC>
+void weigh_values(const PagedHead<T>& head, const float* probs, int64_t padded, const float* inv, int64_t len,
+                  T* const* outs, bool prefetch) {
   constexpr int64_t D = NC * 16;
-  const int64_t batch = q.size(0), heads = q.size(1), kv_heads = cache.size(1), block_size = cache.size(3);
+  __m512 acc[HC][NC];
+  for (int g = 0; g < HC; ++g)
+    for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
+  const int64_t num_blocks = (len + head.block_size - 1) / head.block_size;
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    if (prefetch && blk + 1 < num_blocks)
+      prefetch_bytes(head.block(head.v, blk + 1), head.tokens_in(blk + 1, len) * D * sizeof(T));
+    const T* vb = head.block(head.v, blk);
+    const float* p = probs + blk * head.block_size;
+    for (int64_t j = 0, n = head.tokens_in(blk, len); j < n; ++j) {
+      __m512 v[NC];
+      for (int c = 0; c < NC; ++c) v[c] = load16(vb + j * D + c * 16);
+      for (int g = 0; g < HC; ++g) {
+        const __m512 pg = _mm512_set1_ps(p[g * padded + j]);
+        for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_fmadd_ps(pg, v[c], acc[g][c]);
+      }
+    }
+  }
+  for (int g = 0; g < HC; ++g)
+    for (int c = 0; c < NC; ++c) store16(outs[g] + c * 16, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv[g])));
+}
+
+// One work item: nq query vectors qs (lengths lens) against one (sequence, KV head), results to outs.
+template <typename T, int NC>
+void attend(const PagedHead<T>& head, const T* const* qs, const int64_t* lens, T* const* outs, int nq, float scale,
+            std::vector<float>& scores) {
+  constexpr int64_t D = NC * 16;
+  const int64_t len = *std::max_element(lens, lens + nq), padded = (len + 15) / 16 * 16;
+  scores.resize(nq * padded);
+  const int64_t num_blocks = (len + head.block_size - 1) / head.block_size;
+  prefetch_bytes(head.block(head.k, 0), head.tokens_in(0, len) * D * sizeof(T));
+  for (int64_t blk = 0, t0 = 0; blk < num_blocks; ++blk, t0 += head.block_size) {
+    if (blk + 1 < num_blocks) prefetch_bytes(head.block(head.k, blk + 1), head.tokens_in(blk + 1, len) * D * sizeof(T));
+    else prefetch_bytes(head.block(head.v, 0), head.tokens_in(0, len) * D * sizeof(T));  // the V pass comes next
+    const T* kb = head.block(head.k, blk);
+    for (int q = 0; q < nq; ++q) {
+      const T* qv = qs[q];
+      float* s = scores.data() + q * padded + t0;
+      const int64_t n = std::min(head.tokens_in(blk, len), lens[q] - t0);
+      int64_t j = 0;
+      for (; j + 4 <= n; j += 4) {
+        const __m128 four = reduce4(dot_lanes<T, NC>(qv, kb + j * D), dot_lanes<T, NC>(qv, kb + (j + 1) * D),
+                                    dot_lanes<T, NC>(qv, kb + (j + 2) * D), dot_lanes<T, NC>(qv, kb + (j + 3) * D));
+        _mm_storeu_ps(s + j, _mm_mul_ps(four, _mm_set1_ps(scale)));
+      }
+      for (; j < n; ++j) s[j] = _mm512_reduce_add_ps(dot_lanes<T, NC>(qv, kb + j * D)) * scale;
+    }
+  }
+  float inv[kAttnRows * 64];  // nq <= kAttnRows * group; group <= 64 is checked by the caller
+  for (int q = 0; q < nq; ++q) {
+    float* s = scores.data() + q * padded;
+    std::fill(s + lens[q], s + padded, -INFINITY);  // past its own length (and the padding): weight 0
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < padded; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + t));
+    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < padded; t += 16) {
+      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), vmax));  // exp(-inf) -> 0
+      _mm512_storeu_ps(s + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv[q] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+  constexpr int HC = kValueQueries<NC>;
+  for (int q0 = 0; q0 < nq; q0 += HC) {
+    const int hc = std::min(HC, nq - q0);
+    const int64_t chunk_len = *std::max_element(lens + q0, lens + q0 + hc);
+    const float* probs = scores.data() + q0 * padded;
+    const bool prefetch = q0 == 0;  // later chunks find V in the cache
+    switch (hc) {
+      case 1: weigh_values<T, NC, 1>(head, probs, padded, inv + q0, chunk_len, outs + q0, prefetch); break;
+      case 2: weigh_values<T, NC, std::min(2, HC)>(head, probs, padded, inv + q0, chunk_len, outs + q0, prefetch); break;
+      case 3: weigh_values<T, NC, std::min(3, HC)>(head, probs, padded, inv + q0, chunk_len, outs + q0, prefetch); break;
+      default: weigh_values<T, NC, HC>(head, probs, padded, inv + q0, chunk_len, outs + q0, prefetch); break;
+    }
+  }
+}
+
+// query_start: [S + 1] row offsets, or null for one query row per sequence (decode).
+template <typename T, int NC>
+void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+                          const at::Tensor& block_tables, const int32_t* query_start, const at::Tensor& seq_lens,
+                          double scale) {
+  constexpr int64_t D = NC * 16;
+  const int64_t seqs = seq_lens.size(0), heads = q.size(1), kv_heads = cache.size(1), block_size = cache.size(3);
   const int64_t group = heads / kv_heads;
-  const int64_t head_stride = cache.stride(1), v_offset = cache.stride(0);
   const T* qp = q.data_ptr<T>();
   const T* cp = cache.data_ptr<T>();
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   T* op = out.data_ptr<T>();
   const int64_t bt_stride = block_tables.stride(0), q_stride = q.stride(0);
-  const float fscale = static_cast<float>(scale);
-  // Few items (batch 1): no point waking a second thread for microseconds of work on short contexts.
-  int64_t total = 0;
-  for (int64_t b = 0; b < batch; ++b) total += lens[b];  // lengths and block ids checked by decode_attention
-  const int64_t grain = total * kv_heads < 4096 ? batch * kv_heads : 1;
-  at::parallel_for(0, batch * kv_heads, grain, [&](int64_t begin, int64_t end) {
+  struct Item { int64_t seq, head, row0, rows; };
+  std::vector<Item> items;
+  int64_t work = 0;  // query vectors x tokens, roughly
+  for (int64_t s = 0; s < seqs; ++s) {
+    const int64_t r0 = query_start ? query_start[s] : s, q_len = query_start ? query_start[s + 1] - r0 : 1;
+    for (int64_t r = 0; r < q_len; r += kAttnRows)
+      for (int64_t h = 0; h < kv_heads; ++h) items.push_back({s, h, r0 + r, std::min(kAttnRows, q_len - r)});
+    work += q_len * heads * lens[s];
+  }
+  // Little work (batch 1, short contexts): no point waking a second thread for microseconds.
+  const int64_t threads = work < 4096 * group ? 1 : at::get_num_threads();
+  // Thread t takes items t, t + threads, ...: balanced when costs grow along a long prompt's rows.
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / kv_heads, h = item % kv_heads, len = lens[b];
-      const int64_t padded = (len + 15) / 16 * 16;
-      scores.assign(group * padded, -INFINITY);
-      const T* kbase = cp + h * head_stride;
-      const T* vbase = kbase + v_offset;
-      const int32_t* table = bt + b * bt_stride;
-      for (int64_t g = 0; g < group; ++g) {
-        const T* qg = qp + b * q_stride + (h * group + g) * D;
-        float* s = scores.data() + g * padded;
-        for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {
-          const T* kb = kbase + static_cast<int64_t>(table[blk]) * block_size * D;
-          const int64_t n = std::min(block_size, len - t0);
-          int64_t j = 0;
-          for (; j + 4 <= n; j += 4) {
-            const __m128 four = reduce4(dot_lanes<T, NC>(qg, kb + j * D), dot_lanes<T, NC>(qg, kb + (j + 1) * D),
-                                        dot_lanes<T, NC>(qg, kb + (j + 2) * D), dot_lanes<T, NC>(qg, kb + (j + 3) * D));
-            _mm_storeu_ps(s + t0 + j, _mm_mul_ps(four, _mm_set1_ps(fscale)));
+    const T* qs[kAttnRows * 64];
+    T* outs[kAttnRows * 64];
+    int64_t qlens[kAttnRows * 64];
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t i = t; i < static_cast<int64_t>(items.size()); i += threads) {
+        const Item& it = items[i];
+        const int64_t len = lens[it.seq];
+        const int64_t q_len = query_start ? query_start[it.seq + 1] - query_start[it.seq] : 1;
+        const int64_t first_row = query_start ? query_start[it.seq] : it.seq;
+        const T* kbase = cp + it.head * cache.stride(1);
+        const PagedHead<T> head{kbase, kbase + cache.stride(0), bt + it.seq * bt_stride, block_size, block_size * D};
+        int nq = 0;
+        for (int64_t r = it.row0; r < it.row0 + it.rows; ++r)
+          for (int64_t g = 0; g < group; ++g, ++nq) {
+            const int64_t h = it.head * group + g;
+            qs[nq] = qp + r * q_stride + h * D;
+            outs[nq] = op + (r * heads + h) * D;
+            qlens[nq] = len - q_len + (r - first_row) + 1;
           }
-          for (; j < n; ++j) s[t0 + j] = _mm512_reduce_add_ps(dot_lanes<T, NC>(qg, kb + j * D)) * fscale;
-        }
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t t = 0; t < padded; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + t));
-        const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < padded; t += 16) {
-          __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), vmax));  // padding: exp(-inf) -> 0
-          _mm512_storeu_ps(s + t, e);
-          sum = _mm512_add_ps(sum, e);
-        }
-        const float inv = 1.0f / _mm512_reduce_add_ps(sum);
-        __m512 acc[NC];
-        for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
-        for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {
-          const T* vb = vbase + static_cast<int64_t>(table[blk]) * block_size * D;
-          const int64_t n = std::min(block_size, len - t0);
-          for (int64_t j = 0; j < n; ++j) {
-            const __m512 p = _mm512_set1_ps(s[t0 + j]);
-            for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vb + j * D + c * 16), acc[c]);
-          }
-        }
-        T* dst = op + (b * heads + h * group + g) * D;
-        for (int c = 0; c < NC; ++c) store16(dst + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+        attend<T, NC>(head, qs, qlens, outs, nq, static_cast<float>(scale), scores);
       }
     }
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
-                            const at::Tensor& seq_lens, double scale) {
-  check_float("decode_attention", "q", q);
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "decode_attention: q must be "
-              "[sequences, heads, head_dim] with each row's heads contiguous, got sizes ", q.sizes(), " strides ",
+namespace {
+// decode_attention and paged_attention: every shape, index and length checked before a read (query_start: [S + 1]
+// int32 row offsets, or undefined for one row per sequence).
+at::Tensor checked_paged_attention(const char* op, const at::Tensor& q, const at::Tensor& cache,
+                                   const at::Tensor& block_tables, const at::Tensor& query_start,
+                                   const at::Tensor& seq_lens, double scale) {
+  check_float(op, "q", q);
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), op, ": q must be "
+              "[tokens, heads, head_dim] with each row's heads contiguous, got sizes ", q.sizes(), " strides ",
               q.strides());
-  check_cache("decode_attention", cache);
-  check_same_dtype("decode_attention", "cache", cache, "q", q);
-  const int64_t batch = q.size(0), num_blocks = cache.size(2), block_size = cache.size(3);
-  TORCH_CHECK(cache.size(4) == q.size(2), "decode_attention: cache must have q's head_dim ", q.size(2), ", got ",
-              cache.size(4));
-  TORCH_CHECK(cache.size(1) > 0 && q.size(1) % cache.size(1) == 0, "decode_attention: q's ", q.size(1),
+  check_cache(op, cache);
+  check_same_dtype(op, "cache", cache, "q", q);
+  const int64_t num_blocks = cache.size(2), block_size = cache.size(3);
+  TORCH_CHECK(cache.size(4) == q.size(2), op, ": cache must have q's head_dim ", q.size(2), ", got ", cache.size(4));
+  TORCH_CHECK(cache.size(1) > 0 && q.size(1) % cache.size(1) == 0, op, ": q's ", q.size(1),
               " heads must be a multiple of the cache's ", cache.size(1), " KV heads");
-  check_cpu("decode_attention", "block_tables", block_tables);
+  TORCH_CHECK(q.size(1) / cache.size(1) <= 64, op, ": at most 64 query heads per KV head, got ",
+              q.size(1) / cache.size(1));
+  const int64_t batch = query_start.defined() ? seq_lens.numel() : q.size(0);  // sequences
+  check_cpu(op, "block_tables", block_tables);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.stride(1) == 1 &&
-              block_tables.size(0) == batch, "decode_attention: block_tables must be int32 [", batch,
+              block_tables.size(0) == batch, op, ": block_tables must be int32 [", batch,
               ", max_blocks] with unit column stride, got ", block_tables.scalar_type(), ", sizes ",
               block_tables.sizes(), " strides ", block_tables.strides());
-  check_index_tensor("decode_attention", "seq_lens", seq_lens, at::kInt, batch);
+  check_index_tensor(op, "seq_lens", seq_lens, at::kInt, batch);
+  const int32_t* starts = nullptr;
+  if (query_start.defined()) {
+    check_index_tensor(op, "query_start_loc", query_start, at::kInt, batch + 1);
+    starts = query_start.data_ptr<int32_t>();
+    TORCH_CHECK(starts[0] == 0 && starts[batch] == q.size(0), op, ": query_start_loc must run from 0 to q's ",
+                q.size(0), " rows, got ", starts[0], "..", starts[batch]);
+  }
   // Every block a sequence reads must be in the cache: like the torch twin's index_select, an IndexError.
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int64_t max_len = block_tables.size(1) * block_size;
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(lens[b] > 0 && lens[b] <= max_len, "decode_attention: seq_lens[", b, "] = ", lens[b],
-                " must be in 1..", max_len, " (block_tables has ", block_tables.size(1), " blocks of ", block_size,
-                " tokens per sequence)");
+    TORCH_CHECK(lens[b] > 0 && lens[b] <= max_len, op, ": seq_lens[", b, "] = ", lens[b], " must be in 1..", max_len,
+                " (block_tables has ", block_tables.size(1), " blocks of ", block_size, " tokens per sequence)");
+    if (starts) {
+      const int64_t q_len = starts[b + 1] - starts[b];
+      TORCH_CHECK(q_len >= 1 && q_len <= lens[b], op, ": sequence ", b, " has ", q_len,
+                  " query rows (query_start_loc); it must have 1..seq_lens[", b, "] = ", lens[b]);
+    }
     for (int64_t blk = 0; blk * block_size < lens[b]; ++blk) {
       const int32_t id = bt[b * block_tables.stride(0) + blk];
-      TORCH_CHECK_INDEX(id >= 0 && id < num_blocks, "decode_attention: block_tables[", b, ", ", blk, "] = ", id,
+      TORCH_CHECK_INDEX(id >= 0 && id < num_blocks, op, ": block_tables[", b, ", ", blk, "] = ", id,
                         " is outside the cache's ", num_blocks, " blocks");
     }
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
   const int64_t d = q.size(2);
   const bool bf16_q = is_bf16(q);
-#define NPU_INFER_DECODE(NC)                                                                        \
-  if (d == NC * 16) {                                                                               \
-    if (bf16_q) decode_attention_impl<bf16, NC>(out, q, cache, block_tables, seq_lens, scale);     \
-    else decode_attention_impl<float, NC>(out, q, cache, block_tables, seq_lens, scale);            \
-    return out;                                                                                     \
+#define NPU_INFER_ATTEND(NC)                                                                              \
+  if (d == NC * 16) {                                                                                     \
+    if (bf16_q) paged_attention_impl<bf16, NC>(out, q, cache, block_tables, starts, seq_lens, scale);    \
+    else paged_attention_impl<float, NC>(out, q, cache, block_tables, starts, seq_lens, scale);           \
+    return out;                                                                                           \
   }
-  NPU_INFER_DECODE(1) NPU_INFER_DECODE(2) NPU_INFER_DECODE(4) NPU_INFER_DECODE(6) NPU_INFER_DECODE(8) NPU_INFER_DECODE(16)
-#undef NPU_INFER_DECODE
-  TORCH_CHECK(false, "decode_attention: head_dim ", d, " is not one of 16, 32, 64, 96, 128, 256");
+  NPU_INFER_ATTEND(1) NPU_INFER_ATTEND(2) NPU_INFER_ATTEND(4) NPU_INFER_ATTEND(6) NPU_INFER_ATTEND(8) NPU_INFER_ATTEND(16)
+#undef NPU_INFER_ATTEND
+  TORCH_CHECK(false, op, ": head_dim ", d, " is not one of 16, 32, 64, 96, 128, 256");
+}
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, double scale) {
+  return checked_paged_attention("decode_attention", q, cache, block_tables, at::Tensor(), seq_lens, scale);
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
+                           const at::Tensor& query_start_loc, const at::Tensor& seq_lens, double scale) {
+  return checked_paged_attention("paged_attention", q, cache, block_tables, query_start_loc, seq_lens, scale);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,13 @@ void cache_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& cac
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, double scale);
 
+// Causal attention for any mix of decodes and prefills, straight from the paged cache (the step's k/v written
+// first): q [T, H, D] holds each sequence's query rows end to end (query_start_loc [S + 1] int32), block_tables
+// [S, max_blocks] int32, seq_lens [S] int32 (cached + new). Row i of a sequence's q_len rows sees its first
+// seq_len - q_len + i + 1 tokens. A block id outside the cache raises IndexError before anything is read.
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
+                           const at::Tensor& query_start_loc, const at::Tensor& seq_lens, double scale);
+
 // An [N, K] bf16 or fp32 weight in 64-row panels for linear_packed.
 at::Tensor pack_linear(const at::Tensor& weight);
 

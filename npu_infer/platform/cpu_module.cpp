@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "neox rotary in place on the leading heads of a fused QKV row");
   m.def("cache_write", &cache_write, "write k/v rows into the head-major paged cache");
   m.def("decode_attention", &decode_attention, "one-token attention straight from the paged cache");
+  m.def("paged_attention", &paged_attention, "causal attention for decodes and prefills from the paged cache");
   m.def("ban_by_bitmask_", &ban_by_bitmask_, "-inf at the tokens a structured-output bitmask bans (in place)");
   m.def("argmax_rows", &argmax_rows, "each row's first maximum, and whether the row holds a NaN");
   m.def("pack_linear", &pack_linear, "pack an [N, K] bf16 or fp32 weight for linear_packed");

@@ -5,6 +5,7 @@ some intermediates too). Skipped only on a CPU without AVX-512 BF16; where the C
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -137,6 +138,69 @@ def test_decode_attention_and_cache_write_equal_the_torch_path(kernels, dtype, l
     assert_matches(got, want, dtype)
 
 
+def _mixed_step(steps: list[tuple[int, int]], kv_heads: int, head_dim: int, dtype, block_size=16, num_blocks=96,
+                seed=0):
+    """A paged case for one step of (query_len, seq_len) per sequence, decodes first as the scheduler orders them:
+    the cache holds random context, the step's new tokens go to the last query_len positions of each sequence."""
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    max_blocks = max(-(-n // block_size) for _, n in steps)
+    tables = torch.zeros(len(steps), max_blocks, dtype=torch.int32)
+    slots = []
+    for i, (q_len, n) in enumerate(steps):
+        ids = [order.pop() for _ in range(-(-n // block_size))]
+        tables[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        slots += [ids[p // block_size] * block_size + p % block_size for p in range(n - q_len, n)]
+    q_lens = [q for q, _ in steps]
+    num_decodes = next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens))
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32),
+        seq_lens=torch.tensor([n for _, n in steps], dtype=torch.int32), block_tables=tables,
+        query_lens_cpu=q_lens, seq_lens_cpu=[n for _, n in steps], num_decodes=num_decodes,
+        num_decode_tokens=num_decodes, max_query_len=max(q_lens), max_seq_len=max(n for _, n in steps),
+        block_size=block_size)
+    return cache, meta, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("steps,heads,kv_heads,head_dim", [
+    # decodes; fresh prefills (one of a block and a row, equal-length ones the twin batches); a chunked prefill and
+    # a prefix-cache hit (context from the cache); rows at and across block edges
+    ([(1, 17), (1, 40), (37, 37), (16, 16), (16, 16), (13, 50), (5, 33)], 9, 3, 64),
+    ([(70, 70)], 4, 4, 128),                     # one long prompt, no GQA: rows spread over both threads
+    ([(1, 5), (9, 9), (3, 30)], 16, 2, 32),      # 8 query heads per KV head
+])
+def test_paged_attention_mixed_step_equals_the_torch_path(kernels, dtype, steps, heads, kv_heads, head_dim):
+    """One call for the whole step (decodes, prefills, chunked prefills) against the twin's per-phase SDPA."""
+    from npu_infer.platform.cpu_attention import CpuAttentionBackend
+    cache, meta, g = _mixed_step(steps, kv_heads, head_dim, dtype)
+    tokens = sum(q for q, _ in steps)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    scale = head_dim ** -0.5
+    want_cache, got_cache = cache.clone(), cache.clone()
+    want = _attend(TorchAttentionBackend(), q, k, v, want_cache, meta, scale, heads, kv_heads, head_dim)
+    got = _attend(CpuAttentionBackend(kernels), q, k, v, got_cache, meta, scale, heads, kv_heads, head_dim)
+    assert torch.equal(got_cache, want_cache)
+    assert_matches(got, want, dtype)
+
+
+def test_paged_attention_refuses_rows_that_do_not_add_up(kernels):
+    cache, meta, _ = _mixed_step([(1, 20), (4, 9)], 2, 64, torch.float32)
+    q = torch.randn(5, 4, 64)
+    args = (cache, meta.block_tables)
+    with pytest.raises(RuntimeError, match=r"paged_attention: query_start_loc must run from 0 to q's 6 rows, got 0\.\.5"):
+        kernels.paged_attention(torch.randn(6, 4, 64), *args, meta.query_start_loc, meta.seq_lens, 0.1)
+    with pytest.raises(RuntimeError, match=r"paged_attention: sequence 1 has 4 query rows \(query_start_loc\); it must "
+                                           r"have 1\.\.seq_lens\[1\] = 3"):
+        kernels.paged_attention(q, *args, meta.query_start_loc, torch.tensor([20, 3], dtype=torch.int32), 0.1)
+    with pytest.raises(RuntimeError, match=r"paged_attention: query_start_loc must be contiguous \[3\]"):
+        kernels.paged_attention(q, *args, meta.query_start_loc[:2], meta.seq_lens, 0.1)
+    with pytest.raises(RuntimeError, match=r"paged_attention: sequence 0 has 0 query rows"):
+        kernels.paged_attention(q, *args, torch.tensor([0, 0, 5], dtype=torch.int32), meta.seq_lens, 0.1)
+
+
 def test_decode_attention_refuses_what_it_cannot_read(kernels):
     cache, meta, _ = _paged_case([20], 2, 64, torch.float32)
     q = torch.randn(1, 4, 64)
@@ -182,7 +246,7 @@ def test_a_block_id_outside_the_cache_raises_on_both_paths(kernels, bad):
     args = (meta, 0.125, 4, 2, 64)
     with pytest.raises((IndexError, RuntimeError)):
         _attend(TorchAttentionBackend(), q, k, v, cache.clone(), *args)
-    with pytest.raises(IndexError, match=rf"decode_attention: block_tables\[0, 1\] = {bad} is outside the cache's 64 "):
+    with pytest.raises(IndexError, match=rf"paged_attention: block_tables\[0, 1\] = {bad} is outside the cache's 64 "):
         _attend(CpuAttentionBackend(kernels), q, k, v, cache.clone(), *args)
 
 
