@@ -137,7 +137,7 @@ def profile_decode_step(llm, prompt: list[int], steps: int = 20) -> dict:
         stack_owner.platform_decode = stack
     buckets = {"linears": ("mm", "addmm", "linear", "mkldnn", "matmul", "kernel::linear_packed"),
                "attention": ("scaled_dot_product", "_scaled_dot_product", "index", "gather", "bmm", "softmax", "baddbmm",
-                             "kernel::decode_attention", "kernel::cache_write"),
+                             "kernel::decode_attention", "kernel::paged_attention", "kernel::cache_write"),
                "norm_rotary_act": ("rms_norm", "mul", "add", "pow", "mean", "rsqrt", "silu", "cat", "neg", "sub",
                                    "to", "copy_", "_to_copy", "kernel::rms_norm", "kernel::rotary_",
                                    "kernel::silu_and_mul"),
@@ -172,7 +172,7 @@ def _annotate_cpu_kernels():
     module = cpu_kernels.load()
     if module is None:
         return lambda: None
-    names = ["linear_packed", "decode_attention", "cache_write", "rms_norm", "rotary_", "silu_and_mul"]
+    names = ["linear_packed", "decode_attention", "paged_attention", "cache_write", "rms_norm", "rotary_", "silu_and_mul"]
     originals = {name: getattr(module, name) for name in names}
 
     def wrap(name, fn):

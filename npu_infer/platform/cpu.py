@@ -8,6 +8,7 @@ import torch
 from npu_infer import envs
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES
 from npu_infer.platform import cpu_kernels
+from npu_infer.platform.huge_pages import advise_huge_pages
 from npu_infer.platform.interface import Platform
 
 
@@ -56,6 +57,13 @@ class CpuPlatform(Platform):
     @classmethod
     def is_available(cls) -> bool:
         return True
+
+    def kv_cache_tensor(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        # Huge pages before the first write: the decode attention's scattered block reads miss the TLB less
+        # (benchmarks/attention_kernel.py: 64 sequences x 192 tokens, 30 layers, with and without).
+        cache = torch.empty(shape, dtype=dtype, device=device)
+        advise_huge_pages(cache)
+        return cache.zero_()
 
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")

@@ -288,16 +288,11 @@ inline __m512 dot_lanes(const T* q, const T* k) {
 //
 // A work item is one (sequence, KV head) and up to kAttnRows of the sequence's query rows: its rows x group query
 // vectors read the same cached tokens, each up to its own length. Scores in fp32 four tokens at a time, walked block
-// by block (no division per token) with the next block prefetched (blocks are scattered, so the hardware prefetcher
-// loses the stream at every block edge); softmax in fp32; then each V row is converted once and weighted for up to
-// kValueQueries<NC> query vectors at a time.
+// by block (no division per token); softmax in fp32; then each V row is loaded once and weighted for up to
+// kValueQueries<NC> query vectors at a time. (Software prefetch of the next blocks, 1 to 6 ahead, measured no
+// faster than the hardware's: benchmarks/attention_kernel.py. Huge pages for the cache did help: CpuPlatform.)
 constexpr int64_t kAttnRows = 4;
 template <int NC> constexpr int kValueQueries = NC <= 4 ? 4 : NC <= 8 ? 2 : 1;  // accumulators: <= 16 zmm
-
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
-}
 
 // The cached tokens of one (sequence, KV head): block `blk` of K or V, and how many of its tokens are below `len`.
 template <typename T>
@@ -313,15 +308,13 @@ struct PagedHead {
 // out_q = sum_t p_q[t] v[t] / sum_q for hc <= HC query vectors; p beyond a vector's own length is exp(-inf) = 0.
 template <typename T, int NC, int HC>
 void weigh_values(const PagedHead<T>& head, const float* probs, int64_t padded, const float* inv, int64_t len,
-                  T* const* outs, bool prefetch) {
+                  T* const* outs) {
   constexpr int64_t D = NC * 16;
   __m512 acc[HC][NC];
   for (int g = 0; g < HC; ++g)
     for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
   const int64_t num_blocks = (len + head.block_size - 1) / head.block_size;
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    if (prefetch && blk + 1 < num_blocks)
-      prefetch_bytes(head.block(head.v, blk + 1), head.tokens_in(blk + 1, len) * D * sizeof(T));
     const T* vb = head.block(head.v, blk);
     const float* p = probs + blk * head.block_size;
     for (int64_t j = 0, n = head.tokens_in(blk, len); j < n; ++j) {
@@ -337,18 +330,77 @@ void weigh_values(const PagedHead<T>& head, const float* probs, int64_t padded, 
     for (int c = 0; c < NC; ++c) store16(outs[g] + c * 16, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv[g])));
 }
 
+// The bf16 form of weigh_values: two tokens per vdpbf16ps, their V rows interleaved (v_t[d], v_t+1[d]) and their
+// probabilities rounded to a bf16 pair, as torch's CPU flash attention rounds them for its P @ V. Half the
+// multiply-adds and no V conversion. unpacklo/hi_epi16 interleave within 128-bit lanes, so the accumulator pair of
+// a 32-dim slice holds dims {0-3, 8-11, 16-19, 24-27} and {4-7, ...}: put back in order at the store.
+template <int NC, int HC>
+void weigh_values_pairs(const PagedHead<bf16>& head, const uint16_t* probs, int64_t padded, const float* inv,
+                        int64_t len, bf16* const* outs) {
+  constexpr int64_t D = NC * 16;
+  constexpr int NZ = NC / 2;  // 32-dim slices of a V row
+  __m512 acc[HC][NC];
+  for (int g = 0; g < HC; ++g)
+    for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
+  const int64_t num_blocks = (len + head.block_size - 1) / head.block_size;
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    const bf16* vb = head.block(head.v, blk);
+    const uint16_t* p = probs + blk * head.block_size;
+    for (int64_t j = 0, n = head.tokens_in(blk, len); j < n; j += 2) {
+      const bool pair = j + 1 < n;  // the last token of an odd count pairs with zeros
+      __m512i lo[NZ], hi[NZ];
+      for (int z = 0; z < NZ; ++z) {
+        const __m512i a = _mm512_loadu_si512(vb + j * D + z * 32);
+        const __m512i b = pair ? _mm512_loadu_si512(vb + (j + 1) * D + z * 32) : _mm512_setzero_si512();
+        lo[z] = _mm512_unpacklo_epi16(a, b);
+        hi[z] = _mm512_unpackhi_epi16(a, b);
+      }
+      for (int g = 0; g < HC; ++g) {
+        uint32_t pp;
+        std::memcpy(&pp, p + g * padded + j, sizeof(pp));
+        if (!pair) pp &= 0xFFFFu;
+        const __m512bh pg = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pp)));
+        for (int z = 0; z < NZ; ++z) {
+          acc[g][2 * z] = _mm512_dpbf16_ps(acc[g][2 * z], reinterpret_cast<__m512bh>(lo[z]), pg);
+          acc[g][2 * z + 1] = _mm512_dpbf16_ps(acc[g][2 * z + 1], reinterpret_cast<__m512bh>(hi[z]), pg);
+        }
+      }
+    }
+  }
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int g = 0; g < HC; ++g) {
+    const __m512 s = _mm512_set1_ps(inv[g]);
+    for (int z = 0; z < NZ; ++z) {
+      store16(outs[g] + z * 32, _mm512_mul_ps(_mm512_permutex2var_ps(acc[g][2 * z], first, acc[g][2 * z + 1]), s));
+      store16(outs[g] + z * 32 + 16,
+              _mm512_mul_ps(_mm512_permutex2var_ps(acc[g][2 * z], second, acc[g][2 * z + 1]), s));
+    }
+  }
+}
+
+// hc <= HC query vectors' outputs: the pair kernel for bf16 with whole 32-dim slices, weigh_values otherwise.
+template <typename T, int NC, int HC>
+void weigh_chunk(const PagedHead<T>& head, const float* probs, const uint16_t* probs16, int64_t padded,
+                 const float* inv, int64_t len, T* const* outs) {
+  if constexpr (std::is_same_v<T, bf16> && NC % 2 == 0)
+    weigh_values_pairs<NC, HC>(head, probs16, padded, inv, len, outs);
+  else
+    weigh_values<T, NC, HC>(head, probs, padded, inv, len, outs);
+}
+
 // One work item: nq query vectors qs (lengths lens) against one (sequence, KV head), results to outs.
 template <typename T, int NC>
 void attend(const PagedHead<T>& head, const T* const* qs, const int64_t* lens, T* const* outs, int nq, float scale,
             std::vector<float>& scores) {
   constexpr int64_t D = NC * 16;
   const int64_t len = *std::max_element(lens, lens + nq), padded = (len + 15) / 16 * 16;
-  scores.resize(nq * padded);
+  constexpr bool kPairs = std::is_same_v<T, bf16> && NC % 2 == 0;
+  // fp32 scores, then (pairs) their bf16 copy, one spare element: a last odd token reads its pair's upper half.
+  scores.resize(nq * padded + (kPairs ? (nq * padded) / 2 + 1 : 0));
+  uint16_t* probs16 = kPairs ? reinterpret_cast<uint16_t*>(scores.data() + nq * padded) : nullptr;
   const int64_t num_blocks = (len + head.block_size - 1) / head.block_size;
-  prefetch_bytes(head.block(head.k, 0), head.tokens_in(0, len) * D * sizeof(T));
   for (int64_t blk = 0, t0 = 0; blk < num_blocks; ++blk, t0 += head.block_size) {
-    if (blk + 1 < num_blocks) prefetch_bytes(head.block(head.k, blk + 1), head.tokens_in(blk + 1, len) * D * sizeof(T));
-    else prefetch_bytes(head.block(head.v, 0), head.tokens_in(0, len) * D * sizeof(T));  // the V pass comes next
     const T* kb = head.block(head.k, blk);
     for (int q = 0; q < nq; ++q) {
       const T* qv = qs[q];
@@ -377,18 +429,22 @@ void attend(const PagedHead<T>& head, const T* const* qs, const int64_t* lens, T
       sum = _mm512_add_ps(sum, e);
     }
     inv[q] = 1.0f / _mm512_reduce_add_ps(sum);
+    if constexpr (kPairs)
+      for (int64_t t = 0; t < padded; t += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs16 + q * padded + t),
+                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(s + t))));
   }
   constexpr int HC = kValueQueries<NC>;
   for (int q0 = 0; q0 < nq; q0 += HC) {
     const int hc = std::min(HC, nq - q0);
     const int64_t chunk_len = *std::max_element(lens + q0, lens + q0 + hc);
     const float* probs = scores.data() + q0 * padded;
-    const bool prefetch = q0 == 0;  // later chunks find V in the cache
+    const uint16_t* p16 = probs16 ? probs16 + q0 * padded : nullptr;
     switch (hc) {
-      case 1: weigh_values<T, NC, 1>(head, probs, padded, inv + q0, chunk_len, outs + q0, prefetch); break;
-      case 2: weigh_values<T, NC, std::min(2, HC)>(head, probs, padded, inv + q0, chunk_len, outs + q0, prefetch); break;
-      case 3: weigh_values<T, NC, std::min(3, HC)>(head, probs, padded, inv + q0, chunk_len, outs + q0, prefetch); break;
-      default: weigh_values<T, NC, HC>(head, probs, padded, inv + q0, chunk_len, outs + q0, prefetch); break;
+      case 1: weigh_chunk<T, NC, 1>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0); break;
+      case 2: weigh_chunk<T, NC, std::min(2, HC)>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0); break;
+      case 3: weigh_chunk<T, NC, std::min(3, HC)>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0); break;
+      default: weigh_chunk<T, NC, HC>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0); break;
     }
   }
 }

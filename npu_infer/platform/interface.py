@@ -51,6 +51,10 @@ class Platform:
     def empty_cache(self) -> None:
         pass
 
+    def kv_cache_tensor(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """One layer's KV cache, zeroed."""
+        return torch.zeros(shape, dtype=dtype, device=device)
+
     def mem_get_info(self) -> tuple[int, int]:
         """(free, total) bytes of the memory the model and KV cache live in."""
         raise NotImplementedError

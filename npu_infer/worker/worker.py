@@ -240,7 +240,7 @@ class Worker:
         self.kv_caches = []
         for attn in layers:
             shape = backend.kv_cache_shape(num_blocks, self.config.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.kv_cache = torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device)
+            attn.kv_cache = self.platform.kv_cache_tensor(shape, self.config.torch_dtype, self.device)
             self.kv_caches.append(attn.kv_cache)
 
     def execute_model(self, step: StepInput) -> StepOutput | None:
