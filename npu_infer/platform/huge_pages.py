@@ -32,7 +32,8 @@ def thp_mode() -> str | None:
 
 def advise_huge_pages(tensor: torch.Tensor) -> bool:
     """madvise(MADV_HUGEPAGE) over the 2 MB-aligned part of a CPU tensor's memory; True when the kernel took it.
-    Call it before the memory is written: pages already faulted in stay 4 KB until khugepaged collapses them."""
+    Call it before the memory is written: pages already faulted in (recycled heap memory: glibc serves blocks under
+    its mmap threshold, at most 32 MiB, from the heap) stay 4 KB until khugepaged collapses them."""
     if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or thp_mode() not in ("always", "madvise"):
         return False
     start = tensor.data_ptr()
