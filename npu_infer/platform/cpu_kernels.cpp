@@ -291,7 +291,7 @@ inline __m512 dot_lanes(const T* q, const T* k) {
 // by block (no division per token); softmax in fp32; then each V row is loaded once and weighted for up to
 // kValueQueries<NC> query vectors at a time. (Software prefetch of the next blocks, 1 to 6 ahead, measured no
 // faster than the hardware's: benchmarks/attention_kernel.py. Huge pages for the cache did help: CpuPlatform.)
-constexpr int64_t kAttnRows = 4;
+constexpr int64_t kAttnRows = 8;
 template <int NC> constexpr int kValueQueries = NC <= 4 ? 4 : NC <= 8 ? 2 : 1;  // accumulators: <= 16 zmm
 
 // The cached tokens of one (sequence, KV head): block `blk` of K or V, and how many of its tokens are below `len`.
