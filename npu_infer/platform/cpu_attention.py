@@ -41,7 +41,7 @@ class CpuAttentionImpl(TorchAttentionImpl):
         if kv_cache.numel() == 0:  # profile_run
             return super().forward(q, k, v, kv_cache, meta)
         num_tokens = q.shape[0]
-        self._write_cache(k.view(num_tokens, -1), v.view(num_tokens, -1), kv_cache, meta)
+        self._write_cache(k, v, kv_cache, meta)
         out = self.kernels.paged_attention(q.view(num_tokens, self.num_heads, self.head_dim), kv_cache,
                                            meta.block_tables, meta.query_start_loc, meta.seq_lens, self.scale)
         return out.view(num_tokens, self.num_heads * self.head_dim)

@@ -303,6 +303,7 @@ struct PagedHead {
   int64_t block_size, block_elems;
   const T* block(const T* base, int64_t blk) const { return base + static_cast<int64_t>(table[blk]) * block_elems; }
   int64_t tokens_in(int64_t blk, int64_t len) const { return std::min(block_size, len - blk * block_size); }
+  int64_t blocks_for(int64_t len) const { return (len + block_size - 1) / block_size; }
 };
 
 // out_q = sum_t p_q[t] v[t] / sum_q for hc <= HC query vectors; p beyond a vector's own length is exp(-inf) = 0.
@@ -313,7 +314,7 @@ void weigh_values(const PagedHead<T>& head, const float* probs, int64_t padded, 
   __m512 acc[HC][NC];
   for (int g = 0; g < HC; ++g)
     for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
-  const int64_t num_blocks = (len + head.block_size - 1) / head.block_size;
+  const int64_t num_blocks = head.blocks_for(len);
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
     const T* vb = head.block(head.v, blk);
     const float* p = probs + blk * head.block_size;
@@ -342,7 +343,7 @@ void weigh_values_pairs(const PagedHead<bf16>& head, const uint16_t* probs, int6
   __m512 acc[HC][NC];
   for (int g = 0; g < HC; ++g)
     for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
-  const int64_t num_blocks = (len + head.block_size - 1) / head.block_size;
+  const int64_t num_blocks = head.blocks_for(len);
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
     const bf16* vb = head.block(head.v, blk);
     const uint16_t* p = probs + blk * head.block_size;
@@ -399,7 +400,7 @@ void attend(const PagedHead<T>& head, const T* const* qs, const int64_t* lens, T
   // fp32 scores, then (pairs) their bf16 copy, one spare element: a last odd token reads its pair's upper half.
   scores.resize(nq * padded + (kPairs ? (nq * padded) / 2 + 1 : 0));
   uint16_t* probs16 = kPairs ? reinterpret_cast<uint16_t*>(scores.data() + nq * padded) : nullptr;
-  const int64_t num_blocks = (len + head.block_size - 1) / head.block_size;
+  const int64_t num_blocks = head.blocks_for(len);
   for (int64_t blk = 0, t0 = 0; blk < num_blocks; ++blk, t0 += head.block_size) {
     const T* kb = head.block(head.k, blk);
     for (int q = 0; q < nq; ++q) {
@@ -463,13 +464,13 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   T* op = out.data_ptr<T>();
   const int64_t bt_stride = block_tables.stride(0), q_stride = q.stride(0);
-  struct Item { int64_t seq, head, row0, rows; };
+  struct Item { int64_t seq, head, row0, rows, first_row, q_len; };  // rows [row0, row0 + rows) of q_len from first_row
   std::vector<Item> items;
   int64_t work = 0;  // query vectors x tokens, roughly
   for (int64_t s = 0; s < seqs; ++s) {
     const int64_t r0 = query_start ? query_start[s] : s, q_len = query_start ? query_start[s + 1] - r0 : 1;
     for (int64_t r = 0; r < q_len; r += kAttnRows)
-      for (int64_t h = 0; h < kv_heads; ++h) items.push_back({s, h, r0 + r, std::min(kAttnRows, q_len - r)});
+      for (int64_t h = 0; h < kv_heads; ++h) items.push_back({s, h, r0 + r, std::min(kAttnRows, q_len - r), r0, q_len});
     work += q_len * heads * lens[s];
   }
   // Little work (batch 1, short contexts): no point waking a second thread for microseconds.
@@ -484,8 +485,6 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
       for (int64_t i = t; i < static_cast<int64_t>(items.size()); i += threads) {
         const Item& it = items[i];
         const int64_t len = lens[it.seq];
-        const int64_t q_len = query_start ? query_start[it.seq + 1] - query_start[it.seq] : 1;
-        const int64_t first_row = query_start ? query_start[it.seq] : it.seq;
         const T* kbase = cp + it.head * cache.stride(1);
         const PagedHead<T> head{kbase, kbase + cache.stride(0), bt + it.seq * bt_stride, block_size, block_size * D};
         int nq = 0;
@@ -494,7 +493,7 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
             const int64_t h = it.head * group + g;
             qs[nq] = qp + r * q_stride + h * D;
             outs[nq] = op + (r * heads + h) * D;
-            qlens[nq] = len - q_len + (r - first_row) + 1;
+            qlens[nq] = len - it.q_len + (r - it.first_row) + 1;
           }
         attend<T, NC>(head, qs, qlens, outs, nq, static_cast<float>(scale), scores);
       }
