@@ -289,9 +289,15 @@ inline __m512 dot_lanes(const T* q, const T* k) {
 // A work item is one (sequence, KV head) and up to kAttnRows of the sequence's query rows: its rows x group query
 // vectors read the same cached tokens, each up to its own length. Scores in fp32 four tokens at a time, walked block
 // by block (no division per token); softmax in fp32; then each V row is loaded once and weighted for up to
-// kValueQueries<NC> query vectors at a time. (Software prefetch of the next blocks, 1 to 6 ahead, measured no
-// faster than the hardware's: benchmarks/attention_kernel.py. Huge pages for the cache did help: CpuPlatform.)
+// kValueQueries<NC> query vectors at a time.
+//
+// Each item reads its K blocks, then its V blocks: short scattered runs the hardware prefetcher barely ramps up on
+// (decode ran at half the machine's read bandwidth). So the kernel prefetches into L2 itself: while scoring K
+// block b, K block b + ahead and V block b; while weighing V, the first K blocks of the thread's next item. Decode,
+// 64 sequences: 1.1-1.2x with blocks in order, 1.5-1.75x shuffled (benchmarks/attention_kernel.py). Huge pages
+// for the cache help too: CpuPlatform.
 constexpr int64_t kAttnRows = 8;
+constexpr int64_t kPrefetchBytes = 16 * 1024;  // how far ahead of the reads the K prefetch runs
 template <int NC> constexpr int kValueQueries = NC <= 4 ? 4 : NC <= 8 ? 2 : 1;  // accumulators: <= 16 zmm
 
 // The cached tokens of one (sequence, KV head): block `blk` of K or V, and how many of its tokens are below `len`.
@@ -302,20 +308,26 @@ struct PagedHead {
   const int32_t* table;
   int64_t block_size, block_elems;
   const T* block(const T* base, int64_t blk) const { return base + static_cast<int64_t>(table[blk]) * block_elems; }
+  void prefetch(const T* base, int64_t blk) const {  // one block into L2
+    const char* p = reinterpret_cast<const char*>(block(base, blk));
+    for (int64_t off = 0; off < block_elems * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+  }
   int64_t tokens_in(int64_t blk, int64_t len) const { return std::min(block_size, len - blk * block_size); }
   int64_t blocks_for(int64_t len) const { return (len + block_size - 1) / block_size; }
 };
 
 // out_q = sum_t p_q[t] v[t] / sum_q for hc <= HC query vectors; p beyond a vector's own length is exp(-inf) = 0.
-template <typename T, int NC, int HC>
+// on_block(blk) runs before V block blk is read (the caller's prefetches).
+template <typename T, int NC, int HC, typename OnBlock>
 void weigh_values(const PagedHead<T>& head, const float* probs, int64_t padded, const float* inv, int64_t len,
-                  T* const* outs) {
+                  T* const* outs, const OnBlock& on_block) {
   constexpr int64_t D = NC * 16;
   __m512 acc[HC][NC];
   for (int g = 0; g < HC; ++g)
     for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
   const int64_t num_blocks = head.blocks_for(len);
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    on_block(blk);
     const T* vb = head.block(head.v, blk);
     const float* p = probs + blk * head.block_size;
     for (int64_t j = 0, n = head.tokens_in(blk, len); j < n; ++j) {
@@ -335,9 +347,9 @@ void weigh_values(const PagedHead<T>& head, const float* probs, int64_t padded, 
 // probabilities rounded to a bf16 pair, as torch's CPU flash attention rounds them for its P @ V. Half the
 // multiply-adds and no V conversion. unpacklo/hi_epi16 interleave within 128-bit lanes, so the accumulator pair of
 // a 32-dim slice holds dims {0-3, 8-11, 16-19, 24-27} and {4-7, ...}: put back in order at the store.
-template <int NC, int HC>
+template <int NC, int HC, typename OnBlock>
 void weigh_values_pairs(const PagedHead<bf16>& head, const uint16_t* probs, int64_t padded, const float* inv,
-                        int64_t len, bf16* const* outs) {
+                        int64_t len, bf16* const* outs, const OnBlock& on_block) {
   constexpr int64_t D = NC * 16;
   constexpr int NZ = NC / 2;  // 32-dim slices of a V row
   __m512 acc[HC][NC];
@@ -345,6 +357,7 @@ void weigh_values_pairs(const PagedHead<bf16>& head, const uint16_t* probs, int6
     for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
   const int64_t num_blocks = head.blocks_for(len);
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    on_block(blk);
     const bf16* vb = head.block(head.v, blk);
     const uint16_t* p = probs + blk * head.block_size;
     for (int64_t j = 0, n = head.tokens_in(blk, len); j < n; j += 2) {
@@ -381,19 +394,20 @@ void weigh_values_pairs(const PagedHead<bf16>& head, const uint16_t* probs, int6
 }
 
 // hc <= HC query vectors' outputs: the pair kernel for bf16 with whole 32-dim slices, weigh_values otherwise.
-template <typename T, int NC, int HC>
+template <typename T, int NC, int HC, typename OnBlock>
 void weigh_chunk(const PagedHead<T>& head, const float* probs, const uint16_t* probs16, int64_t padded,
-                 const float* inv, int64_t len, T* const* outs) {
+                 const float* inv, int64_t len, T* const* outs, const OnBlock& on_block) {
   if constexpr (std::is_same_v<T, bf16> && NC % 2 == 0)
-    weigh_values_pairs<NC, HC>(head, probs16, padded, inv, len, outs);
+    weigh_values_pairs<NC, HC>(head, probs16, padded, inv, len, outs, on_block);
   else
-    weigh_values<T, NC, HC>(head, probs, padded, inv, len, outs);
+    weigh_values<T, NC, HC>(head, probs, padded, inv, len, outs, on_block);
 }
 
-// One work item: nq query vectors qs (lengths lens) against one (sequence, KV head), results to outs.
+// One work item: nq query vectors qs (lengths lens) against one (sequence, KV head), results to outs. `next`
+// (the thread's next item, length next_len, or null) has its first `ahead` K blocks prefetched meanwhile.
 template <typename T, int NC>
 void attend(const PagedHead<T>& head, const T* const* qs, const int64_t* lens, T* const* outs, int nq, float scale,
-            std::vector<float>& scores) {
+            std::vector<float>& scores, int64_t ahead, const PagedHead<T>* next, int64_t next_len) {
   constexpr int64_t D = NC * 16;
   const int64_t len = *std::max_element(lens, lens + nq), padded = (len + 15) / 16 * 16;
   constexpr bool kPairs = std::is_same_v<T, bf16> && NC % 2 == 0;
@@ -403,6 +417,8 @@ void attend(const PagedHead<T>& head, const T* const* qs, const int64_t* lens, T
   const int64_t num_blocks = head.blocks_for(len);
   for (int64_t blk = 0, t0 = 0; blk < num_blocks; ++blk, t0 += head.block_size) {
     const T* kb = head.block(head.k, blk);
+    if (blk + ahead < num_blocks) head.prefetch(head.k, blk + ahead);
+    head.prefetch(head.v, blk);
     for (int q = 0; q < nq; ++q) {
       const T* qv = qs[q];
       float* s = scores.data() + q * padded + t0;
@@ -435,19 +451,26 @@ void attend(const PagedHead<T>& head, const T* const* qs, const int64_t* lens, T
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs16 + q * padded + t),
                             reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(s + t))));
   }
+  // The next item's first K blocks, one per V block weighed (the first chunk's pass), the rest after it.
+  const int64_t next_blocks = next ? std::min(ahead, next->blocks_for(next_len)) : 0;
+  int64_t prefetched = 0;
   constexpr int HC = kValueQueries<NC>;
   for (int q0 = 0; q0 < nq; q0 += HC) {
     const int hc = std::min(HC, nq - q0);
     const int64_t chunk_len = *std::max_element(lens + q0, lens + q0 + hc);
     const float* probs = scores.data() + q0 * padded;
+    const auto on_block = [&](int64_t blk) {
+      if (q0 == 0 && blk < next_blocks) next->prefetch(next->k, prefetched++);
+    };
     const uint16_t* p16 = probs16 ? probs16 + q0 * padded : nullptr;
     switch (hc) {
-      case 1: weigh_chunk<T, NC, 1>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0); break;
-      case 2: weigh_chunk<T, NC, std::min(2, HC)>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0); break;
-      case 3: weigh_chunk<T, NC, std::min(3, HC)>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0); break;
-      default: weigh_chunk<T, NC, HC>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0); break;
+      case 1: weigh_chunk<T, NC, 1>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0, on_block); break;
+      case 2: weigh_chunk<T, NC, std::min(2, HC)>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0, on_block); break;
+      case 3: weigh_chunk<T, NC, std::min(3, HC)>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0, on_block); break;
+      default: weigh_chunk<T, NC, HC>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0, on_block); break;
     }
   }
+  for (; prefetched < next_blocks; ++prefetched) next->prefetch(next->k, prefetched);
 }
 
 // query_start: [S + 1] row offsets, or null for one query row per sequence (decode).
@@ -475,6 +498,13 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
   }
   // Little work (batch 1, short contexts): no point waking a second thread for microseconds.
   const int64_t threads = work < 4096 * group ? 1 : at::get_num_threads();
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (block_size * D * static_cast<int64_t>(sizeof(T))));
+  const auto head_of = [&](const Item& it) {
+    const T* kbase = cp + it.head * cache.stride(1);
+    return PagedHead<T>{kbase, kbase + cache.stride(0), bt + it.seq * bt_stride, block_size, block_size * D};
+  };
+  // The tokens an item's last query row sees (its rows' causal lengths grow by one a row).
+  const auto tokens_of = [&](const Item& it) { return lens[it.seq] - it.q_len + (it.row0 + it.rows - it.first_row); };
   // Thread t takes items t, t + threads, ...: balanced when costs grow along a long prompt's rows.
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -485,8 +515,7 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
       for (int64_t i = t; i < static_cast<int64_t>(items.size()); i += threads) {
         const Item& it = items[i];
         const int64_t len = lens[it.seq];
-        const T* kbase = cp + it.head * cache.stride(1);
-        const PagedHead<T> head{kbase, kbase + cache.stride(0), bt + it.seq * bt_stride, block_size, block_size * D};
+        const PagedHead<T> head = head_of(it);
         int nq = 0;
         for (int64_t r = it.row0; r < it.row0 + it.rows; ++r)
           for (int64_t g = 0; g < group; ++g, ++nq) {
@@ -495,7 +524,10 @@ void paged_attention_impl(const at::Tensor& out, const at::Tensor& q, const at::
             outs[nq] = op + (r * heads + h) * D;
             qlens[nq] = len - it.q_len + (r - it.first_row) + 1;
           }
-        attend<T, NC>(head, qs, qlens, outs, nq, static_cast<float>(scale), scores);
+        const bool has_next = i + threads < static_cast<int64_t>(items.size());
+        const PagedHead<T> next = has_next ? head_of(items[i + threads]) : head;
+        attend<T, NC>(head, qs, qlens, outs, nq, static_cast<float>(scale), scores, ahead, has_next ? &next : nullptr,
+                      has_next ? tokens_of(items[i + threads]) : 0);
       }
     }
   });
