@@ -71,7 +71,7 @@ def check_not_quantized_otherwise(config: EngineConfig) -> None:
         raise ValueError(f"--quantization {config.quantization} quantizes a full-precision checkpoint, but "
                          f"{config.model_path} is already quantized ({method}); load it without --quantization")
     if config.quantization == "w8a8" and is_gguf(config.model_path):
-        from npu_infer.loaders.gguf_q8_0 import q8_0_linear_weights
+        from npu_infer.loaders.gguf_as_stored import q8_0_linear_weights
         if q8_0_linear_weights(config.model_path):  # other GGUF types are dequantized first, as full precision
             raise ValueError(f"--quantization w8a8 quantizes a full-precision checkpoint, but {config.model_path}'s "
                              "linears are already int8 (GGUF Q8_0, served as stored as W8A16 with 32-weight groups); "
@@ -110,19 +110,19 @@ def source_format(config: EngineConfig) -> str:
 
 
 def iterate_source_weights(config: EngineConfig, fmt: str, owns: Callable[[str], bool] | None = None,
-                           int8: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+                           int8: Collection[str] = (), int4: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) pairs from a checkpoint in an HF-named format: auto/safetensors/pt, gguf, tensorizer.
 
     `owns` (the model's owns_weight): GGUF skips the tensors it rejects before dequantizing them, the costly
     part; the other formats yield every tensor (a read, not a conversion) and the model's load_weights skips.
-    `int8` (GGUF): the Q8_0 weights to yield as stored, int8 and block scales (gguf_q8_0.py)."""
+    `int8` / `int4` (GGUF): the Q8_0 / Q4 weights to yield as stored, with their block scales (gguf_as_stored.py)."""
     if fmt in ("auto", "safetensors", "pt"):
         return iterate_weights(weight_files(config.model_path, fmt))
     if fmt == "gguf":
         if not is_gguf(config.model_path):
             raise ValueError(f"--load-format gguf needs a .gguf file, but {config.model_path} is not one")
         from npu_infer.loaders.gguf_loader import iterate_gguf_weights  # lazy: importing gguf takes ~0.1 s
-        return iterate_gguf_weights(config.model_path, owns=owns, int8=int8)
+        return iterate_gguf_weights(config.model_path, owns=owns, int8=int8, int4=int4)
     if fmt == "tensorizer":
         return iterate_tensorizer_weights(config.model_path)
     raise ValueError(f"load format {fmt!r} does not hold HF-named full tensors")

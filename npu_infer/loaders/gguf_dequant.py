@@ -359,3 +359,29 @@ def split_q8_0(data: np.ndarray | torch.Tensor, shape: Sequence[int]) -> tuple[t
     zero = d == 0
     q = torch.where(zero[:, :, None], torch.zeros_like(q), q)
     return q.reshape(n, k), torch.where(zero, torch.ones_like(d), d)
+
+
+Q4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+
+
+def split_q4(data: np.ndarray | torch.Tensor, kind: GGMLQuantizationType,
+             shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q4_1 data of logical 2-D ``shape`` [N, K] as stored: (uint8 q [N, K] in 0..15, float32 d and m
+    [N, K / 32]) with ``d * q + m`` per 32-element block equal to :func:`dequantize`'s result (Q4_0: m = -8 d, as
+    its (q - 8) * d)."""
+    if kind not in Q4_TYPES:
+        raise ValueError(f"split_q4 takes Q4_0 or Q4_1, got {kind.name}")
+    n, k = (int(s) for s in shape)
+    block_size, type_size = GGML_QUANT_SIZES[kind]
+    raw = _as_byte_tensor(data)
+    if k % block_size or raw.numel() != n * k // block_size * type_size:
+        raise ValueError(f"{kind.name} tensor of shape {(n, k)} needs K a multiple of {block_size} and "
+                         f"{n * k // block_size * type_size} bytes, got K = {k} and {raw.numel()} bytes")
+    blocks = raw.reshape(n * k // block_size, type_size)
+    d = _f16(blocks[:, :2])
+    if kind == GGMLQuantizationType.Q4_1:
+        m, packed = _f16(blocks[:, 2:4]), blocks[:, 4:]
+    else:
+        m, packed = d * -8.0, blocks[:, 2:]
+    q = _nibbles(packed, 16).reshape(n, k)
+    return q, d.reshape(n, k // block_size), m.reshape(n, k // block_size)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from npu_infer.loaders.gguf_dequant import SUPPORTED_TYPES, dequantize, split_q8_0
+from npu_infer.loaders.gguf_dequant import SUPPORTED_TYPES, dequantize, split_q4, split_q8_0
 
 logger = logging.getLogger(__name__)
 
@@ -319,12 +319,15 @@ def iterate_gguf_weights(
     show_progress: bool = True,
     owns: Callable[[str], bool] | None = None,
     int8: Collection[str] = (),
+    int4: Collection[str] = (),
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every model tensor of a GGUF file (with ``owns``, only those whose HF name
     it accepts: a pipeline stage's own, so no rank dequantizes the other stages' layers).
 
     ``int8``: HF names of Q8_0 weights ``X.weight`` to yield as stored, not dequantized: ``X.weight`` int8 [N, K]
-    and ``X.weight_scale`` float32 [N, K / 32] (:func:`split_q8_0`; gguf_q8_0.py decides which).
+    and ``X.weight_scale`` float32 [N, K / 32] (:func:`split_q8_0`; gguf_as_stored.py decides which).
+    ``int4``: likewise Q4_0 / Q4_1 weights: ``X.weight`` uint8 [N, K] (0..15), ``X.weight_scale`` and
+    ``X.weight_min`` float32 [N, K / 32] (:func:`split_q4`).
 
     Tensors are dequantized to float32 (then cast to ``dtype``), reshaped to
     the HF layout (GGUF lists dimensions innermost-first, so the HF shape is
@@ -373,6 +376,15 @@ def iterate_gguf_weights(
             q, d = split_q8_0(t.data, shape)
             yield hf_name, unpermuted(q, hf_name)  # q and k rows are permuted with their block scales
             yield f"{hf_name.removesuffix('.weight')}.weight_scale", unpermuted(d, hf_name)
+            continue
+        if hf_name in int4:
+            if t.tensor_type.name not in ("Q4_0", "Q4_1"):
+                raise ValueError(f"GGUF tensor {t.name!r} of {path} is {t.tensor_type.name}, not Q4_0 or Q4_1")
+            q, d, m = split_q4(t.data, t.tensor_type, shape)
+            stem = hf_name.removesuffix(".weight")
+            yield hf_name, unpermuted(q, hf_name)  # q and k rows are permuted with their block scales and mins
+            yield f"{stem}.weight_scale", unpermuted(d, hf_name)
+            yield f"{stem}.weight_min", unpermuted(m, hf_name)
             continue
         w = unpermuted(dequantize(t.data, t.tensor_type, shape), hf_name)
         if dtype != torch.float32:

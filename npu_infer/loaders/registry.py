@@ -14,10 +14,11 @@ from npu_infer.loaders.compressed_tensors import load_compressed_tensors
 from npu_infer.loaders.dummy_loader import fill_dummy_weights
 from npu_infer.loaders.formats import (checkpoint_quant_config, checkpoint_quant_method, detect_load_format,
                                        feed_weights, is_msmodelslim, iterate_source_weights)
-from npu_infer.loaders.gguf_q8_0 import prepare_q8_0_layers
+from npu_infer.loaders.gguf_as_stored import prepare_q4_layers, prepare_q8_0_layers
 from npu_infer.loaders.msmodelslim import load_msmodelslim
 from npu_infer.loaders.sharded_state import load_sharded_state
 from npu_infer.models.layers.embedding import quantize_lm_head_int8
+from npu_infer.models.layers.int4_linear import check_int4
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES, check_int8_scales
 from npu_infer.models.layers.linear import quantize_linears_int8
 from npu_infer.models.layers.smooth_quant import (CALIBRATION_SEQ_LEN, activation_ranges, calibration_token_ids,
@@ -43,9 +44,12 @@ def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
         load_compressed_tensors(model, config, checkpoint_quant_config(config.hf_config))
     else:
         int8 = prepare_q8_0_layers(model, config) if fmt == "gguf" else set()  # Q8_0 linears, served as stored
-        feed_weights(model, iterate_source_weights(config, fmt, getattr(model, "owns_weight", None), int8))
+        int4 = prepare_q4_layers(model, config) if fmt == "gguf" else set()  # Q4 ones, with --quantization gguf
+        feed_weights(model, iterate_source_weights(config, fmt, getattr(model, "owns_weight", None), int8, int4))
         if int8:
             check_int8_scales(model)
+        if int4:
+            check_int4(model)
     if config.quantization in INT8_SCHEMES:  # quantize on load, whatever the full-precision source
         if config.quantization == "w8a8" and envs.NPU_INFER_W8A8_SMOOTHING > 0:
             smooth_for_w8a8(model, config)

@@ -198,9 +198,9 @@ class LlamaForCausalLM(nn.Module):
         keys = []
         for name, _ in self.named_parameters():
             merged = next((m for m in shards_of if f".{m}." in name), None)
-            # weight_scale: int8 checkpoints; deq_scale ... input_offset: static W8A8 (msmodelslim)
-            if merged and name.endswith((".weight", ".bias", ".weight_scale", ".deq_scale", ".quant_bias",
-                                         ".input_scale", ".input_offset")):
+            # weight_scale: int8 checkpoints; weight_min: GGUF Q4; deq_scale ... input_offset: static W8A8 (msmodelslim)
+            if merged and name.endswith((".weight", ".bias", ".weight_scale", ".weight_min", ".deq_scale",
+                                         ".quant_bias", ".input_scale", ".input_offset")):
                 keys += [f"{name}#{sid}" for sid in shards_of[merged]]
             elif name == "lm_head.weight" and self.tie_word_embeddings and self.model.embed_tokens is not None:
                 continue

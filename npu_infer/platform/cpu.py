@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from npu_infer import envs
+from npu_infer.models.layers.int4_linear import W4A16
 from npu_infer.models.layers.int8_linear import INT8_SCHEMES
 from npu_infer.platform import cpu_kernels
 from npu_infer.platform.huge_pages import advise_huge_pages
@@ -107,9 +108,12 @@ class CpuPlatform(Platform):
             return  # nothing faster than F.linear to pack fp32 for
         from npu_infer.models.layers.embedding import ParallelLMHead
         from npu_infer.platform.cpu_decode_stack import CpuDecodeStack
-        from npu_infer.platform.cpu_linear import CpuInt8Linear, CpuPackedLinear
+        from npu_infer.platform.cpu_linear import CpuInt4Linear, CpuInt8Linear, CpuPackedLinear
         for module in model.modules():
-            if getattr(module, "quant_scheme", None) in INT8_SCHEMES:  # int8 (int8_linear.py)
+            if getattr(module, "quant_scheme", None) == W4A16:  # GGUF Q4 as stored (int4_linear.py)
+                module.platform_matmul = CpuInt4Linear(module.weight.detach(), module.weight_scale.detach(),
+                                                       module.weight_min.detach(), kernels, dtype)
+            elif getattr(module, "quant_scheme", None) in INT8_SCHEMES:  # int8 (int8_linear.py)
                 module.platform_matmul = CpuInt8Linear(module.weight.detach(), module.weight_scale.detach(),
                                                        module.quant_scheme, kernels, dtype,
                                                        fp32_out=getattr(module, "fp32_logits", False))

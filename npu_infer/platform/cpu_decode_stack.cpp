@@ -2,24 +2,28 @@
 // through CpuOps / CpuAttentionBackend / CpuPackedLinear / CpuInt8Linear.
 #include "cpu_decode_stack.h"
 
+#include "cpu_int4_kernels.h"
 #include "cpu_int8_kernels.h"
 #include "cpu_kernels.h"
 
 namespace npu_infer_kernels {
 
 StackLinear::StackLinear(std::string scheme_, at::Tensor packed_, int64_t n_, c10::optional<at::Tensor> bias_,
-                         c10::optional<at::Tensor> scale_, c10::optional<at::Tensor> comp_)
+                         c10::optional<at::Tensor> scale_, c10::optional<at::Tensor> comp_,
+                         c10::optional<at::Tensor> mins_)
     : scheme(std::move(scheme_)), packed(std::move(packed_)), n(n_), bias(std::move(bias_)),
-      scale(std::move(scale_)), comp(std::move(comp_)) {
-  TORCH_CHECK(scheme.empty() || scheme == "w8a8" || scheme == "w8a16",
-              "StackLinear: scheme must be \"\", \"w8a8\" or \"w8a16\", got \"", scheme, "\"");
+      scale(std::move(scale_)), comp(std::move(comp_)), mins(std::move(mins_)) {
+  TORCH_CHECK(scheme.empty() || scheme == "w8a8" || scheme == "w8a16" || scheme == "w4a16",
+              "StackLinear: scheme must be \"\", \"w8a8\", \"w8a16\" or \"w4a16\", got \"", scheme, "\"");
   TORCH_CHECK(scheme.empty() || scale, "StackLinear: scheme ", scheme, " needs scale (the fp32 weight scales)");
   TORCH_CHECK(scheme != "w8a8" || comp, "StackLinear: scheme w8a8 needs comp (the int32 compensation sums)");
+  TORCH_CHECK(scheme != "w4a16" || mins, "StackLinear: scheme w4a16 needs mins (the fp32 per-group mins)");
 }
 
 at::Tensor StackLinear::operator()(const at::Tensor& x) const {
   if (scheme.empty()) return linear_packed(x, packed, n, bias, false);
   if (scheme == "w8a8") return npu_infer_int8::linear_w8a8(x, packed, *scale, *comp, n, bias, false);
+  if (scheme == "w4a16") return npu_infer_int4::linear_w4a16(x, packed, *scale, *mins, n, bias, false);
   return npu_infer_int8::linear_w8a16(x, packed, *scale, n, bias, false);
 }
 

@@ -8,6 +8,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from npu_infer.models.layers.int4_linear import pack_int4, panel_layout, w4a16_linear
 from npu_infer.models.layers.int8_linear import (dequantize_weight, group_size_of, int8_matmul, quantize_per_token,
                                                  w8a16_linear)
 from npu_infer.platform.cpu_kernels import cpu_flags
@@ -120,3 +121,34 @@ class CpuInt8Linear:
     def stack_linear(self, bias: torch.Tensor | None):
         return self.kernels.StackLinear(self.scheme, self.packed, self.out_features,
                                         bias.float() if bias is not None else None, self.scale_padded, self.comp)
+
+
+class CpuInt4Linear:
+    """x @ (d * q + m).T + bias for a W4A16 LinearBase (int4_linear.py: a GGUF Q4_0 / Q4_1 file's linears as stored),
+    q packed once for cpu_int4_kernels.cpp, which takes bf16 x at every row count (more rows than one pass: each
+    panel made bf16 once a call). Elsewhere the plain-torch twin runs."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, kernels: ModuleType | None,
+                 dtype: torch.dtype):
+        self.q, self.scale, self.mins = q, scale, mins
+        self.out_features = q.shape[0]
+        usable = kernels is not None and dtype == torch.bfloat16 and (q.shape[1] // scale.shape[1]) % 2 == 0
+        self.kernels = kernels if usable else None
+        self.packed = pack_int4(q) if usable else None
+        self.scale_panels = panel_layout(scale)
+        self.min_panels = panel_layout(mins)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None and x.dim() == 2 and x.dtype == torch.bfloat16:
+            return self.kernels.linear_w4a16(x.contiguous(), self.packed, self.scale_panels, self.min_panels,
+                                             self.out_features, bias.float() if bias is not None else None, False)
+        return w4a16_linear(x, self.q, self.scale, self.mins, bias)
+
+    @property
+    def runs_in_stack(self) -> bool:
+        return self.packed is not None
+
+    def stack_linear(self, bias: torch.Tensor | None):
+        return self.kernels.StackLinear("w4a16", self.packed, self.out_features,
+                                        bias.float() if bias is not None else None, self.scale_panels, None,
+                                        self.min_panels)

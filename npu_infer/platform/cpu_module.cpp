@@ -1,8 +1,9 @@
-// The Python module of the CPU kernels (cpu_kernels.py builds and loads it): the kernels of cpu_kernels.h and
-// cpu_int8_kernels.h, and the decode stack of cpu_decode_stack.h. The one file that includes pybind11.
+// The Python module of the CPU kernels (cpu_kernels.py builds and loads it): the kernels of cpu_kernels.h,
+// cpu_int8_kernels.h and cpu_int4_kernels.h, and the decode stack of cpu_decode_stack.h. The one file that includes pybind11.
 #include <torch/python.h>  // pybind11 with the tensor casters; lighter than torch/extension.h (all of libtorch)
 
 #include "cpu_decode_stack.h"
+#include "cpu_int4_kernels.h"
 #include "cpu_int8_kernels.h"
 #include "cpu_kernels.h"
 
@@ -26,12 +27,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_w8a8_quantized", &npu_infer_int8::linear_w8a8_quantized, "int8 x int8 -> int32 with the scales applied");
   m.def("linear_w8a8", &npu_infer_int8::linear_w8a8, "quantize x per token, then linear_w8a8_quantized");
   m.def("linear_w8a16", &npu_infer_int8::linear_w8a16, "bf16 x int8 weights (made bf16 in registers)");
+  m.def("linear_w4a16", &npu_infer_int4::linear_w4a16, "bf16 x GGUF Q4 weights, d * q + m per group of 32");
 
   py::class_<StackLinear>(m, "StackLinear")
       .def(py::init<std::string, at::Tensor, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
-                    c10::optional<at::Tensor>>(),
+                    c10::optional<at::Tensor>, c10::optional<at::Tensor>>(),
            py::arg("scheme"), py::arg("packed"), py::arg("n"), py::arg("bias"), py::arg("scale") = c10::nullopt,
-           py::arg("comp") = c10::nullopt)
+           py::arg("comp") = c10::nullopt, py::arg("mins") = c10::nullopt)
       .def("__call__", &StackLinear::operator(), "x @ W^T (+ bias), as the decode stack computes it");
   py::class_<LayerWeights>(m, "LayerWeights")
       .def(py::init<at::Tensor, at::Tensor, StackLinear, StackLinear, StackLinear, StackLinear>(),

@@ -350,7 +350,7 @@ def test_kernels_name_the_argument_that_is_wrong(kernels):
         (lambda: kernels.linear_packed(torch.randn(1, 64), packed, 64, None), "linear_packed: x must be contiguous \\[M, 128\\]"),
         (lambda: kernels.linear_packed(torch.randn(1, 128), packed, 64, torch.zeros(3)),
          "linear_packed: bias must be contiguous \\[64\\]"),
-        (lambda: kernels.StackLinear("w4a4", packed, 64, None), 'StackLinear: scheme must be "", "w8a8" or "w8a16"'),
+        (lambda: kernels.StackLinear("w4a4", packed, 64, None), 'StackLinear: scheme must be "", "w8a8", "w8a16" or "w4a16"'),
         (lambda: kernels.StackLinear("w8a16", packed, 64, None), "StackLinear: scheme w8a16 needs scale"),
     ]
     for call, message in cases:

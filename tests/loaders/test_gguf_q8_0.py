@@ -1,4 +1,4 @@
-"""GGUF Q8_0 decoder linears served as stored (gguf_q8_0.py): int8 weights with their 32-weight block scales in
+"""GGUF Q8_0 decoder linears served as stored (gguf_as_stored.py): int8 weights with their 32-weight block scales in
 W8A16 layers, never dequantized; the same greedy tokens as the dequantized weights served in bf16; the rules for
 --quantization and mixed files; a corrupt block scale named by layer."""
 from __future__ import annotations

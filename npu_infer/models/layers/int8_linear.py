@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from npu_infer.models.layers.int4_linear import W4A16, w4a16_linear
 
 INT8_SCHEMES = ("w8a8", "w8a16")
 W8A8_STATIC = "w8a8_static"  # only from a checkpoint that holds its calibrated activation scales (msmodelslim)
@@ -105,8 +106,10 @@ def w8a8_static_linear(x: torch.Tensor, wq: torch.Tensor, input_scale: torch.Ten
 
 def int8_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The plain-torch forward of a LinearBase made int8 (quantize_linears_int8, or an int8 checkpoint's loader), or
-    of an int8 LM head (quantize_lm_head_int8; out_dtype fp32)."""
+    """The plain-torch forward of a LinearBase made int8 (quantize_linears_int8, or an int8 checkpoint's loader) or
+    W4A16 (a GGUF Q4 file's, int4_linear.py), or of an int8 LM head (quantize_lm_head_int8; out_dtype fp32)."""
+    if layer.quant_scheme == W4A16:  # GGUF Q4 as stored (int4_linear.py)
+        return w4a16_linear(x, layer.weight, layer.weight_scale, layer.weight_min, bias, out_dtype)
     if layer.quant_scheme == W8A8_STATIC:
         # The float bias is in quant_bias; a row-parallel layer adds it on TP rank 0 only, as it does a bias.
         first = layer.tp_dim != 1 or layer.tp_rank == 0
