@@ -232,7 +232,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model = args.model or str(smollm2_hf_dir(ROOT / ".bench" / "smollm2-hf"))
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    if model.endswith(".gguf"):  # e.g. the packaged SmolLM2 file, `--quantization none,gguf` (its Q4 linears as stored)
+        from npu_infer.loaders.gguf_loader import load_gguf_config
+        vocab = load_gguf_config(model).vocab_size
+    else:
+        vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args.num_prompts, args.input_len, args.seed, vocab)
     print(f"model {model}; {args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy; "
           f"torch threads {torch.get_num_threads()}", flush=True)
