@@ -131,6 +131,40 @@ def add_model_shape(w: "gguf.GGUFWriter", cfg) -> None:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
 
 
+def write_llama_gguf(path: Path, seed: int, linear) -> Path:
+    """A tiny random untied Llama as llama.cpp writes it: norms F32, the embedding and the LM head Q8_0 (gguf's own
+    quantizer), each decoder linear as `linear(hf_name, arr)` returns it: (data, raw GGML type, or None for a float
+    array). q/k rows are permuted the llama.cpp way before `linear` sees them."""
+    model = tiny_hf_model("llama", tie=False, seed=seed)
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    add_model_shape(w, cfg)
+    w.add_rope_dimension_count(cfg.head_dim)
+    for name, t in model.state_dict().items():
+        arr = t.detach().float().numpy().copy()
+        if name.endswith("q_proj.weight"):
+            arr = llama_cpp_permute(arr, cfg.num_attention_heads, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            arr = llama_cpp_permute(arr, cfg.num_attention_heads, cfg.num_key_value_heads)
+        gname = hf_to_gguf_name(name)
+        if arr.ndim == 1:
+            w.add_tensor(gname, arr)
+        elif "_proj" not in name:  # embedding, LM head
+            w.add_tensor(gname, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            data, raw_dtype = linear(name, arr)
+            if raw_dtype is None:
+                w.add_tensor(gname, data)
+            else:
+                w.add_tensor(gname, data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 @pytest.fixture(scope="session")
 def write_tiny_gguf(tmp_path_factory):
     """``write_tiny_gguf(arch, tie=..., quant=..., arch_name=None) -> (path, hf_model)``.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from loaders.conftest import add_model_shape, gguf, hf_to_gguf_name, llama_cpp_permute, tiny_hf_model
+from loaders.conftest import gguf, write_llama_gguf
 
 T = gguf.GGMLQuantizationType
 PROMPTS = [[1, 5, 9, 30, 7], list(range(40, 73)), [3, 300, 17, 250, 99, 4, 8]]
@@ -61,32 +61,13 @@ def test_w4a16_kernel_equals_its_plain_torch_twin(n, k):
 def write_q4_gguf(path: Path, kind, corrupt: str | None = None) -> Path:
     """A tiny random Llama as llama.cpp writes it, its decoder linears in `kind` (Q4_0 / Q4_1), the embedding and
     the LM head Q8_0; `corrupt`: a piece whose first block's d is NaN."""
-    model = tiny_hf_model("llama", tie=False, seed=5)
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    add_model_shape(w, cfg)
-    w.add_rope_dimension_count(cfg.head_dim)
-    for name, t in model.state_dict().items():
-        arr = t.detach().float().numpy().copy()
-        if name.endswith("q_proj.weight"):
-            arr = llama_cpp_permute(arr, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            arr = llama_cpp_permute(arr, cfg.num_attention_heads, cfg.num_key_value_heads)
-        gname = hf_to_gguf_name(name)
-        if arr.ndim == 1:
-            w.add_tensor(gname, arr)
-        elif "_proj" not in name:
-            w.add_tensor(gname, gguf.quants.quantize(arr, T.Q8_0), raw_dtype=T.Q8_0)
-        else:
-            raw = gguf.quants.quantize(arr, kind)
-            if corrupt and corrupt in name:
-                raw[0, :2] = np.array([np.nan], dtype=np.float16).view(np.uint8)
-            w.add_tensor(gname, raw, raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    def linear(name: str, arr: np.ndarray):
+        raw = gguf.quants.quantize(arr, kind)
+        if corrupt and corrupt in name:
+            raw[0, :2] = np.array([np.nan], dtype=np.float16).view(np.uint8)
+        return raw, kind
+
+    return write_llama_gguf(path, 5, linear)
 
 
 def engine(path, **kwargs):

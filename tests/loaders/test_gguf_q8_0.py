@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from loaders.conftest import add_model_shape, gguf, hf_to_gguf_name, llama_cpp_permute, tiny_hf_model
+from loaders.conftest import gguf, write_llama_gguf
 
 T = gguf.GGMLQuantizationType
 PROMPTS = [[1, 5, 9, 30, 7], list(range(40, 73)), [3, 300, 17, 250, 99, 4, 8]]
@@ -31,37 +31,15 @@ def write_gguf(path: Path, *, linears: str, f16_parts: tuple[str, ...] = (), cor
     """A tiny random Llama as llama.cpp writes it. linears "q8_0": decoder linears Q8_0 (power-of-two d); "f32":
     those same weights dequantized. The embedding and output are Q8_0 (gguf's own quantizer) either way.
     `f16_parts`: HF name pieces written F16 instead; `corrupt`: a piece whose first block's d is -1."""
-    model = tiny_hf_model("llama", tie=False, seed=3)
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    add_model_shape(w, cfg)
-    w.add_rope_dimension_count(cfg.head_dim)
-    for name, t in model.state_dict().items():
-        arr = t.detach().float().numpy().copy()
-        if name.endswith("q_proj.weight"):
-            arr = llama_cpp_permute(arr, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            arr = llama_cpp_permute(arr, cfg.num_attention_heads, cfg.num_key_value_heads)
-        gname = hf_to_gguf_name(name)
-        if arr.ndim == 1:
-            w.add_tensor(gname, arr)
-        elif "_proj" not in name:  # embedding, LM head
-            w.add_tensor(gname, gguf.quants.quantize(arr, T.Q8_0), raw_dtype=T.Q8_0)
-        else:
-            raw, dequantized = q8_0_power_of_two(arr)
-            if corrupt and corrupt in name:
-                raw[0, :2] = np.array([-1.0], dtype=np.float16).view(np.uint8)
-            if any(part in name for part in f16_parts):
-                w.add_tensor(gname, dequantized.astype(np.float16))
-            elif linears == "q8_0":
-                w.add_tensor(gname, raw, raw_dtype=T.Q8_0)
-            else:
-                w.add_tensor(gname, dequantized)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    def linear(name: str, arr: np.ndarray):
+        raw, dequantized = q8_0_power_of_two(arr)
+        if corrupt and corrupt in name:
+            raw[0, :2] = np.array([-1.0], dtype=np.float16).view(np.uint8)
+        if any(part in name for part in f16_parts):
+            return dequantized.astype(np.float16), None
+        return (raw, T.Q8_0) if linears == "q8_0" else (dequantized, None)
+
+    return write_llama_gguf(path, 3, linear)
 
 
 @pytest.fixture(scope="module")
