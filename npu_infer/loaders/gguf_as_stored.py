@@ -82,3 +82,31 @@ def prepare_q4_layers(model: nn.Module, config: EngineConfig) -> set[str]:
     if served:
         logger.info("GGUF: %d Q4 linear weights served as stored (W4A16, %d-weight groups)", len(served), GGUF_GROUP)
     return served
+
+
+def serve_q8_0_head_as_stored(model: nn.Module, config: EngineConfig) -> bool:
+    """With `--quantization gguf` on the CPU in bf16: an LM head whose GGUF tensor is Q8_0 (`output.weight`, or
+    `token_embd.weight` when the embeddings are tied) becomes a W8A16 head with the file's q and 32-weight block
+    scales and fp32 logits, as NPU_INFER_INT8_LM_HEAD makes one (the tied embedding keeps its dequantized rows for the
+    lookup). At batch 1 the bf16 head is as many bytes as a Q4 file's decoder linears."""
+    from npu_infer.loaders.gguf_loader import stored_q8_0
+    from npu_infer.models.layers.embedding import ParallelLMHead
+    from npu_infer.models.layers.int8_linear import make_int8
+    if config.quantization != "gguf" or config.device != "cpu" or config.torch_dtype != torch.bfloat16:
+        return False
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+    stored = stored_q8_0(config.model_path, "lm_head.weight") if heads else None
+    if stored is None:
+        return False
+    q, d = stored
+    for head in heads:
+        rows = head.weight.shape[0]  # this rank's vocabulary slice, padded
+        part = slice(head.vocab_start, head.vocab_start + head.shard_size)
+        q_rows = torch.zeros(rows, q.shape[1], dtype=torch.int8)
+        d_rows = torch.ones(rows, d.shape[1])  # padding rows: q = 0 (their logits are cut off anyway)
+        q_rows[:head.shard_size] = q[part]
+        d_rows[:head.shard_size] = d[part]
+        make_int8(head, "w8a16", q_rows, d_rows)
+        head.fp32_logits = True
+    logger.info("GGUF: the Q8_0 LM head served as stored (W8A16, %d-weight groups)", GGUF_GROUP)
+    return True

@@ -305,6 +305,19 @@ def tensor_types(path: str | os.PathLike[str]) -> dict[str, str]:
     return {hf: kind for hf, kind in names if hf is not None}
 
 
+def stored_q8_0(path: str | os.PathLike[str], hf_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The Q8_0 tensor of a GGUF file that provides `hf_name` as stored (:func:`split_q8_0`), or None where it is of
+    another type. ``lm_head.weight`` is ``output.weight``, else the tied ``token_embd.weight``."""
+    reader = _open_reader(os.fspath(path))
+    by_name = {gguf_tensor_name_to_hf(t.name): t for t in reader.tensors}
+    t = by_name.get(hf_name)
+    if t is None and hf_name == "lm_head.weight":
+        t = by_name.get("model.embed_tokens.weight")
+    if t is None or t.tensor_type.name != "Q8_0":
+        return None
+    return split_q8_0(t.data, tuple(int(d) for d in reversed(t.shape.tolist())))
+
+
 def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's ``permute`` of q/k rows (``convert_hf_to_gguf.py``):
     GGUF rows per head are (dim, 2)-interleaved; HF rows are (2, dim)."""

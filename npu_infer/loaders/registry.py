@@ -14,7 +14,7 @@ from npu_infer.loaders.compressed_tensors import load_compressed_tensors
 from npu_infer.loaders.dummy_loader import fill_dummy_weights
 from npu_infer.loaders.formats import (checkpoint_quant_config, checkpoint_quant_method, detect_load_format,
                                        feed_weights, is_msmodelslim, iterate_source_weights)
-from npu_infer.loaders.gguf_as_stored import prepare_q4_layers, prepare_q8_0_layers
+from npu_infer.loaders.gguf_as_stored import prepare_q4_layers, prepare_q8_0_layers, serve_q8_0_head_as_stored
 from npu_infer.loaders.msmodelslim import load_msmodelslim
 from npu_infer.loaders.sharded_state import load_sharded_state
 from npu_infer.models.layers.embedding import quantize_lm_head_int8
@@ -50,6 +50,8 @@ def load_weights(model: nn.Module, config: EngineConfig, rank: int = 0) -> None:
             check_int8_scales(model)
         if int4:
             check_int4(model)
+        if fmt == "gguf" and serve_q8_0_head_as_stored(model, config):
+            check_int8_scales(model)
     if config.quantization in INT8_SCHEMES:  # quantize on load, whatever the full-precision source
         if config.quantization == "w8a8" and envs.NPU_INFER_W8A8_SMOOTHING > 0:
             smooth_for_w8a8(model, config)

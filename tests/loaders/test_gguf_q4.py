@@ -91,11 +91,18 @@ def test_q4_linears_are_served_as_stored_with_quantization_gguf(tmp_path, kind):
     from npu_infer.loaders.gguf_loader import iterate_gguf_weights
     from npu_infer.models.layers.int4_linear import dequantize_int4
     path = write_q4_gguf(tmp_path / "tiny.gguf", kind)
-    assert not w4a16_layers(engine(path, skip_tokenizer_init=True))  # by default: dequantized, as before
+    from npu_infer.models.layers.int8_linear import dequantize_weight
+    default = engine(path, skip_tokenizer_init=True)
+    assert not w4a16_layers(default)  # by default: dequantized, as before
+    assert getattr(default.engine.executor.worker.model.lm_head, "quant_scheme", None) is None
     llm = engine(path, skip_tokenizer_init=True, quantization="gguf")
     layers = w4a16_layers(llm)
     assert len(layers) == 2 * 4
     expected = dict(iterate_gguf_weights(path, show_progress=False))  # dequantized, fp32
+    head = llm.engine.executor.worker.model.lm_head  # the file's Q8_0 output.weight, as stored
+    vocab = expected["lm_head.weight"].shape[0]
+    assert head.quant_scheme == "w8a16" and head.weight.dtype == torch.int8 and head.fp32_logits
+    assert torch.equal(dequantize_weight(head.weight[:vocab], head.weight_scale[:vocab]), expected["lm_head.weight"])
     for name, layer in layers.items():
         prefix, leaf = name.rsplit(".", 1)
         parts = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}.get(leaf, [leaf])
@@ -120,6 +127,8 @@ def test_packaged_smollm2_q4_1_same_tokens_through_the_kernel_and_the_twin(smoll
     assert len(w4a16_layers(stored)) == 30 * 4
     assert isinstance(model.model.layers[0].mlp.down_proj.platform_matmul, CpuInt4Linear)
     assert model.model.platform_decode is not None  # the C++ decode stack runs the W4A16 layers
+    assert model.lm_head.quant_scheme == "w8a16" and model.lm_head.weight.dtype == torch.int8  # the tied Q8_0 one
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # the lookup keeps its dequantized rows
     tokens = greedy(stored, prompts)
     set_cpu_kernels(False)
     try:

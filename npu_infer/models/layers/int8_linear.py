@@ -171,7 +171,7 @@ def prepare_int8(layer: nn.Module, scheme: str, group_size: int | None = None) -
 def check_int8_scales(model: nn.Module) -> None:
     """After loading: a scale that is NaN, infinite, zero or negative fails here, by layer name."""
     for name, module in model.named_modules():
-        scale = getattr(module, "weight_scale", None)
+        scale = getattr(module, "weight_scale", None) if getattr(module, "quant_scheme", None) in INT8_SCHEMES else None
         if scale is not None and (not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any())):
             raise ValueError(f"{name}.weight_scale: int8 weight scales must be finite and positive; the checkpoint "
                              "is corrupt")
