@@ -8,11 +8,11 @@ from npu_infer.platform.cpu import CpuPlatform
 from npu_infer.platform.huge_pages import HUGE_PAGE, advise_huge_pages, thp_mode
 
 
-def huge_kib_in(tensor: torch.Tensor) -> int:
-    """AnonHugePages (KiB) of the mappings that overlap the tensor's memory, from /proc/self/smaps."""
+def smaps_of(tensor: torch.Tensor) -> tuple[set[str], int]:
+    """The VmFlags and the AnonHugePages (KiB) of the mappings that overlap the tensor's memory (/proc/self/smaps)."""
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    total, inside = 0, False
+    flags, huge_kib, inside = set(), 0, False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             head = line.split()[0]
@@ -20,8 +20,10 @@ def huge_kib_in(tensor: torch.Tensor) -> int:
                 low, high = (int(x, 16) for x in head.split("-"))
                 inside = low < end and high > start
             elif inside and line.startswith("AnonHugePages:"):
-                total += int(line.split()[1])
-    return total
+                huge_kib += int(line.split()[1])
+            elif inside and line.startswith("VmFlags:"):
+                flags.update(line.split()[1:])
+    return flags, huge_kib
 
 
 @pytest.mark.skipif(thp_mode() not in ("always", "madvise"), reason="transparent huge pages are off on this host")
@@ -33,7 +35,12 @@ def test_the_cpu_kv_cache_is_zeroed_on_huge_pages():
     assert cache.shape == shape and cache.dtype == torch.bfloat16
     assert not cache.any()
     if thp_mode() == "madvise":  # with `always` the kernel may use huge pages anyway: nothing to tell apart
-        assert huge_kib_in(cache) >= HUGE_PAGE // 1024, "the cache's memory is not on huge pages"
+        flags, huge_kib = smaps_of(cache)
+        # `hg`: the mapping carries MADV_HUGEPAGE. Whether the kernel then found free 2 MB pages to back it depends
+        # on the host's memory at that moment (a CI run once got none while a build and a benchmark ran beside it),
+        # so the backing itself is only reported.
+        assert "hg" in flags, f"the cache's memory was not advised to huge pages (VmFlags {sorted(flags)})"
+        print(f"AnonHugePages behind the cache: {huge_kib} KiB (>= {HUGE_PAGE // 1024} when the host had them)")
 
 
 def test_nothing_to_advise_below_one_aligned_huge_page():
