@@ -110,7 +110,8 @@ def source_format(config: EngineConfig) -> str:
 
 
 def iterate_source_weights(config: EngineConfig, fmt: str, owns: Callable[[str], bool] | None = None,
-                           int8: Collection[str] = (), int4: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+                           int8: Collection[str] = (),
+                           int4: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) pairs from a checkpoint in an HF-named format: auto/safetensors/pt, gguf, tensorizer.
 
     `owns` (the model's owns_weight): GGUF skips the tensors it rejects before dequantizing them, the costly

@@ -71,11 +71,16 @@ def prepare_q8_0_layers(model: nn.Module, config: EngineConfig) -> set[str]:
     return served
 
 
+def _q4_as_stored(config: EngineConfig) -> bool:
+    """`--quantization gguf` on the CPU in bf16: where Q4 linears and a Q8_0 head are served as stored."""
+    return config.quantization == "gguf" and config.device == "cpu" and config.torch_dtype == torch.bfloat16
+
+
 def prepare_q4_layers(model: nn.Module, config: EngineConfig) -> set[str]:
     """With `--quantization gguf` on the CPU in bf16: each LinearBase whose checkpoint tensors are all Q4_0 / Q4_1 a
     W4A16 layer ready to be loaded into; returns the HF weight names to read as stored (iterate_gguf_weights'
     `int4`). Elsewhere (the NPU and CUDA have no W4A16 kernel of ours yet) nothing: they are dequantized."""
-    if config.quantization != "gguf" or config.device != "cpu" or config.torch_dtype != torch.bfloat16:
+    if not _q4_as_stored(config):
         return set()
     stored = linear_weights_of_type(config.model_path, Q4_NAMES)
     served = _prepare_stored(model, stored, lambda module: prepare_int4(module, GGUF_GROUP))
@@ -92,7 +97,7 @@ def serve_q8_0_head_as_stored(model: nn.Module, config: EngineConfig) -> bool:
     from npu_infer.loaders.gguf_loader import stored_q8_0
     from npu_infer.models.layers.embedding import ParallelLMHead
     from npu_infer.models.layers.int8_linear import make_int8
-    if config.quantization != "gguf" or config.device != "cpu" or config.torch_dtype != torch.bfloat16:
+    if not _q4_as_stored(config):
         return False
     heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
     stored = stored_q8_0(config.model_path, "lm_head.weight") if heads else None

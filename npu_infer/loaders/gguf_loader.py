@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from npu_infer.loaders.gguf_dequant import SUPPORTED_TYPES, dequantize, split_q4, split_q8_0
+from npu_infer.loaders.gguf_dequant import Q4_TYPES, SUPPORTED_TYPES, dequantize, split_q4, split_q8_0
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ def iterate_gguf_weights(
             yield f"{hf_name.removesuffix('.weight')}.weight_scale", unpermuted(d, hf_name)
             continue
         if hf_name in int4:
-            if t.tensor_type.name not in ("Q4_0", "Q4_1"):
+            if t.tensor_type not in Q4_TYPES:
                 raise ValueError(f"GGUF tensor {t.name!r} of {path} is {t.tensor_type.name}, not Q4_0 or Q4_1")
             q, d, m = split_q4(t.data, t.tensor_type, shape)
             stem = hf_name.removesuffix(".weight")

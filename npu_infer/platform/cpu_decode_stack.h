@@ -1,6 +1,7 @@
 // A Llama / Qwen2 decoder stack for pure decode steps, run layer after layer in C++ (cpu_decode_stack.cpp): the
-// orchestration of the kernels of cpu_kernels.h, cpu_int8_kernels.h and cpu_int4_kernels.h, in the order the Python layers call them
-// (so the same bits out), minus ~100 us of Python and dispatch per layer. Built by cpu_decode_stack.py.
+// orchestration of the kernels of cpu_kernels.h, cpu_int8_kernels.h and cpu_int4_kernels.h, in the order the Python
+// layers call them (so the same bits out), minus ~100 us of Python and dispatch per layer. Built by
+// cpu_decode_stack.py.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -107,7 +107,8 @@ void linear_w4a16_impl(const at::Tensor& out, const at::Tensor& x, const at::Ten
         for (int64_t s = 0; s < steps; ++s) {
           __m512bh wv[4];
           nibbles_to_bf16(panel + s * 64, table, wv);
-          for (int j = 0; j < 4; ++j) _mm512_storeu_si512(scratch.data() + s * 128 + j * 32, reinterpret_cast<__m512i>(wv[j]));
+          for (int j = 0; j < 4; ++j)
+            _mm512_storeu_si512(scratch.data() + s * 128 + j * 32, reinterpret_cast<__m512i>(wv[j]));
         }
       const int64_t valid = std::min<int64_t>(64, n - p * 64);
       for (int64_t m0 = 0; m0 < rows; m0 += kMaxRowsPerPass) {

@@ -311,7 +311,8 @@ struct PagedHead {
   const T* block(const T* base, int64_t blk) const { return base + static_cast<int64_t>(table[blk]) * block_elems; }
   void prefetch(const T* base, int64_t blk) const {  // one block into L2
     const char* p = reinterpret_cast<const char*>(block(base, blk));
-    for (int64_t off = 0; off < block_elems * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+    const int64_t bytes = block_elems * static_cast<int64_t>(sizeof(T));
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
   }
   int64_t tokens_in(int64_t blk, int64_t len) const { return std::min(block_size, len - blk * block_size); }
   int64_t blocks_for(int64_t len) const { return (len + block_size - 1) / block_size; }
@@ -466,8 +467,12 @@ void attend(const PagedHead<T>& head, const T* const* qs, const int64_t* lens, T
     const uint16_t* p16 = probs16 ? probs16 + q0 * padded : nullptr;
     switch (hc) {
       case 1: weigh_chunk<T, NC, 1>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0, on_block); break;
-      case 2: weigh_chunk<T, NC, std::min(2, HC)>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0, on_block); break;
-      case 3: weigh_chunk<T, NC, std::min(3, HC)>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0, on_block); break;
+      case 2:
+        weigh_chunk<T, NC, std::min(2, HC)>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0, on_block);
+        break;
+      case 3:
+        weigh_chunk<T, NC, std::min(3, HC)>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0, on_block);
+        break;
       default: weigh_chunk<T, NC, HC>(head, probs, p16, padded, inv + q0, chunk_len, outs + q0, on_block); break;
     }
   }

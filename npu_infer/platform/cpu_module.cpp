@@ -1,5 +1,6 @@
 // The Python module of the CPU kernels (cpu_kernels.py builds and loads it): the kernels of cpu_kernels.h,
-// cpu_int8_kernels.h and cpu_int4_kernels.h, and the decode stack of cpu_decode_stack.h. The one file that includes pybind11.
+// cpu_int8_kernels.h and cpu_int4_kernels.h, and the decode stack of cpu_decode_stack.h. The one file that includes
+// pybind11.
 #include <torch/python.h>  // pybind11 with the tensor casters; lighter than torch/extension.h (all of libtorch)
 
 #include "cpu_decode_stack.h"
